@@ -1,0 +1,198 @@
+"""The PhysicsEngine protocol and what every backend shares.
+
+Canonical loop (batched, functional; ``state`` is the backend's own pytree or array)::
+
+    engine = simulators.make_engine("mjx", "pendulum")
+    state = engine.reset(key, n)                 # n envs from the task's initial distribution
+    for t in range(T):
+        state = engine.step(state, actions)      # actions [n, A], clipped to the bounds
+    s = engine.to_vector(state)                  # [n, S] = concat(qpos, qvel), float64 numpy
+    c = engine.constraints(state)                # penetration, joint-limit excess, non-finite
+
+A non-finite action raises ``ValueError`` naming the offending envs: the state never turns NaN
+silently. ``step_vectors(s, a)`` is the vector-in, vector-out step the world-model correction
+and the RLPF check use.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import mujoco
+import numpy as np
+
+from simulators.tasks import PARAM_NAMES, Task
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Sizes and bounds of an engine for one task."""
+
+    nq: int
+    nv: int
+    action_size: int
+    action_low: np.ndarray
+    action_high: np.ndarray
+    control_dt: float
+    joint_limits: np.ndarray        # [nq, 2] (low, high); +-inf where unlimited
+    observation_size: int
+
+    @property
+    def state_size(self) -> int:
+        return self.nq + self.nv
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Per-env constraint violations of a batch of states."""
+
+    penetration: np.ndarray         # [n] deepest interpenetration (m), >= 0
+    joint_limit_excess: np.ndarray  # [n] largest distance past a joint limit (joint units), >= 0
+    nonfinite: np.ndarray           # [n] bool: any NaN/inf in the state
+
+
+@runtime_checkable
+class PhysicsEngine(Protocol):
+    name: str
+    task: Task
+    spec: EngineSpec
+
+    def reset(self, key: Any, n: int) -> Any: ...
+    def step(self, state: Any, action: np.ndarray) -> Any: ...
+    def to_vector(self, state: Any) -> np.ndarray: ...
+    def from_vector(self, vec: np.ndarray) -> Any: ...
+    def constraints(self, state: Any) -> Constraints: ...
+    def step_vectors(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray: ...
+
+
+def build_model(task: Task, params: dict | None = None) -> mujoco.MjModel:
+    """Compile the task's MJCF and apply scaled parameters (mass, damping, actuator gain, friction)."""
+    params = dict(params or {})
+    unknown = set(params) - set(PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown physics parameter(s) {sorted(unknown)}; allowed: {', '.join(PARAM_NAMES)}")
+    for key, value in params.items():
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"physics parameter {key}={value!r} must be a finite number >= 0")
+    model = mujoco.MjModel.from_xml_string(task.xml)
+    scale = {k: float(params.get(k, 1.0)) for k in PARAM_NAMES}
+    model.body_mass[:] *= scale["mass_scale"]
+    model.body_inertia[:] *= scale["mass_scale"]
+    model.dof_damping[:] *= scale["damping_scale"]
+    model.actuator_gear[:, 0] *= scale["gain_scale"]
+    model.geom_friction[:] *= scale["friction_scale"]
+    model.dof_frictionloss[:] *= scale["friction_scale"]
+    return model
+
+
+def seed_of(key: Any) -> int:
+    """An integer seed from an int, a numpy Generator or a JAX PRNG key."""
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    if isinstance(key, np.random.Generator):
+        return int(key.integers(2**31))
+    data = np.asarray(key)
+    if data.dtype.kind not in "iu":  # typed JAX key
+        import jax
+
+        data = np.asarray(jax.random.key_data(key))
+    return int(np.uint64(np.bitwise_xor.reduce(data.astype(np.uint64).ravel())) % np.uint64(2**63))
+
+
+class EngineBase:
+    """Shared parts: spec, action checks, initial states, constraints via MuJoCo's C collision."""
+
+    name = "base"
+
+    def __init__(self, task: Task, params: dict | None = None):
+        self.task = task
+        self.params = {k: float(v) for k, v in (params or {}).items()}
+        self.model = build_model(task, params)
+        m = self.model
+        limits = np.full((m.nq, 2), [-np.inf, np.inf])
+        for j in range(m.njnt):
+            if m.jnt_limited[j]:
+                limits[m.jnt_qposadr[j]] = m.jnt_range[j]
+        self.spec = EngineSpec(
+            nq=m.nq, nv=m.nv, action_size=m.nu,
+            action_low=m.actuator_ctrlrange[:, 0].copy(), action_high=m.actuator_ctrlrange[:, 1].copy(),
+            control_dt=float(m.opt.timestep * task.n_substeps), joint_limits=limits,
+            observation_size=task.observation_size,
+        )
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- actions -------------------------------------------------------------------------------
+    def check_actions(self, actions: np.ndarray, n: int) -> np.ndarray:
+        """Validate shape and finiteness, clip to the bounds; returns float64 ``[n, A]``."""
+        a = np.asarray(actions, dtype=np.float64)
+        if a.ndim == 1 and self.spec.action_size == 1 and a.shape[0] == n:
+            a = a[:, None]
+        expected = (n, self.spec.action_size)
+        if a.shape != expected:
+            raise ValueError(f"{self.task.name}: actions have shape {a.shape}, expected {expected} (batch, action_size)")
+        bad = ~np.isfinite(a).all(axis=1)
+        if bad.any():
+            idx = np.flatnonzero(bad)[:10].tolist()
+            raise ValueError(f"{self.task.name}: non-finite action in env(s) {idx}; actions must be finite")
+        return np.clip(a, self.spec.action_low, self.spec.action_high)
+
+    def check_vectors(self, vec: np.ndarray) -> np.ndarray:
+        v = np.asarray(vec, dtype=np.float64)
+        if v.ndim != 2 or v.shape[1] != self.spec.state_size:
+            raise ValueError(f"{self.task.name}: state vectors have shape {v.shape}, expected (batch, {self.spec.state_size})")
+        return v
+
+    def initial_vectors(self, key: Any, n: int) -> np.ndarray:
+        if n < 1:
+            raise ValueError(f"number of envs must be >= 1, got {n}")
+        return self.task.initial_states(np.random.default_rng(seed_of(key)), n)
+
+    def step_vectors(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """One control step from state vectors: ``[B, S], [B, A] -> [B, S]``."""
+        return self.to_vector(self.step(self.from_vector(states), actions))
+
+    # -- constraints ---------------------------------------------------------------------------
+    def constraints(self, state: Any) -> Constraints:
+        return constraint_violations(self.model, self.to_vector(state), self.spec.joint_limits, self._threads())
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_num_threads())
+        return self._pool
+
+
+def _num_threads() -> int:
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def constraint_violations(model: mujoco.MjModel, states: np.ndarray, joint_limits: np.ndarray,
+                          pool: ThreadPoolExecutor | None = None) -> Constraints:
+    """Penetration depth (MuJoCo collision), joint-limit excess and non-finite flags of state vectors."""
+    s = np.asarray(states, dtype=np.float64)
+    nonfinite = ~np.isfinite(s).all(axis=1)
+    q = np.where(np.isfinite(s[:, : model.nq]), s[:, : model.nq], 0.0)
+    excess = np.maximum(joint_limits[:, 0] - q, q - joint_limits[:, 1])
+    excess = np.clip(np.where(np.isfinite(excess), excess, 0.0), 0.0, None).max(axis=1, initial=0.0)
+    penetration = np.zeros(len(s))
+    if model.ngeom > 1 and len(s):
+        chunks = np.array_split(np.arange(len(s)), max(1, min(len(s), _num_threads())))
+
+        def run(idx: np.ndarray) -> None:
+            data = mujoco.MjData(model)
+            for i in idx:
+                data.qpos[:] = q[i]
+                mujoco.mj_kinematics(model, data)
+                mujoco.mj_collision(model, data)
+                if data.ncon:
+                    penetration[i] = max(0.0, -float(data.contact.dist[: data.ncon].min()))
+
+        if pool is None:
+            for c in chunks:
+                run(c)
+        else:
+            list(pool.map(run, chunks))
+    return Constraints(penetration=penetration, joint_limit_excess=excess, nonfinite=nonfinite)
