@@ -29,12 +29,13 @@ class Tolerances:
 
     A transition violates physics when any component exceeds its tolerance. The defaults are
     calibrated on MuJoCo's own trajectories (random and bang-bang actions, contacts and soft joint
-    limits included), which stay below about 0.4 of every tolerance.
+    limits included), which stay below about 0.45 of every tolerance: default soft contacts let a
+    ball that lands at 4 m/s sink 3.5 cm, a cart that hits its soft slider limit overshoots 3.4 cm.
     """
 
     residual: float = 0.1       # RMS over dims of (imagined s' - engine step) / data scale
-    penetration: float = 0.01   # deepest interpenetration, m
-    joint_limit: float = 0.05   # distance past a joint limit, joint units (m or rad)
+    penetration: float = 0.08   # deepest interpenetration, m
+    joint_limit: float = 0.1    # distance past a joint limit, joint units (m or rad)
     kinematic: float = 0.01     # change of position unexplained by the velocities, joint units per control step
 
 
