@@ -1,0 +1,34 @@
+"""The simulator service: versioned gRPC proto, server, client and gymnasium VectorEnv adapters.
+
+Imports are lazy: ``services.client`` and ``services.vector_env`` (what a policy worker needs) pull
+in numpy, grpc and gymnasium only, never JAX or the physics; the server side loads them on use.
+
+    from services import ServerConfig, ServerProcess, RemoteVectorEnv
+    with ServerProcess(ServerConfig(task="pendulum", engine="mujoco")) as server:
+        env = RemoteVectorEnv(server.address, "pendulum", num_envs=64, fidelity=0.5)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "SimulatorClient": "services.client",
+    "SimulatorError": "services.client",
+    "RemoteVectorEnv": "services.vector_env",
+    "SimulatorVectorEnv": "services.vector_env",
+    "LocalVectorEnv": "services.local_env",
+    "ServerConfig": "services.config",
+    "ServerProcess": "services.server",
+    "SimulatorServer": "services.server",
+    "serve": "services.server",
+}
+
+__all__ = ["LocalVectorEnv", "RemoteVectorEnv", "ServerConfig", "ServerProcess", "SimulatorClient", "SimulatorError",
+           "SimulatorServer", "SimulatorVectorEnv", "serve"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'services' has no attribute {name!r}")

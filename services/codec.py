@@ -1,0 +1,55 @@
+"""numpy <-> ``Tensor`` messages: raw little-endian bytes with a dtype name and a shape.
+
+Used by both sides of the wire; imports only numpy and the generated messages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
+
+DTYPES = ("float32", "float64", "int32", "int64", "uint8", "bool")
+
+
+class CodecError(ValueError):
+    """A tensor message that does not decode, or does not match what was expected."""
+
+
+def encode(array: np.ndarray, dtype: str | None = None) -> pb.Tensor:
+    """Encode an array (cast to ``dtype`` when given) as a little-endian ``Tensor``."""
+    a = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
+    name = a.dtype.name
+    if name not in DTYPES:
+        raise CodecError(f"cannot encode dtype {name}; allowed: {', '.join(DTYPES)}")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=name, shape=list(a.shape), data=a.tobytes())
+
+
+def decode(msg: pb.Tensor, name: str = "tensor") -> np.ndarray:
+    """Decode a ``Tensor`` to a (read-only view of a) numpy array; malformed input raises ``CodecError``."""
+    if msg.dtype not in DTYPES:
+        raise CodecError(f"{name}: dtype {msg.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    dtype = np.dtype(msg.dtype).newbyteorder("<")
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise CodecError(f"{name}: negative dimension in shape {shape}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(msg.data) != count * dtype.itemsize:
+        raise CodecError(f"{name}: {len(msg.data)} bytes do not hold shape {shape} of {msg.dtype} "
+                         f"({count * dtype.itemsize} bytes expected)")
+    return np.frombuffer(msg.data, dtype=dtype, count=count).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def decode_float(msg: pb.Tensor, name: str, shape: tuple[int | None, ...], finite: bool = True) -> np.ndarray:
+    """Decode a float32/float64 tensor, check its shape (None = any size) and finiteness; float64 out."""
+    if msg.dtype not in ("float32", "float64"):
+        raise CodecError(f"{name}: dtype {msg.dtype or '(unset)'} is not allowed; expected float32 or float64")
+    a = decode(msg, name)
+    if a.ndim != len(shape) or any(e is not None and d != e for d, e in zip(a.shape, shape)):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise CodecError(f"{name}: shape {tuple(a.shape)} does not match the expected {want}")
+    if finite and not np.isfinite(a).all():
+        rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[:10].tolist() if a.ndim else []
+        raise CodecError(f"{name}: non-finite values (NaN or inf) in row(s) {rows}; values must be finite")
+    return a.astype(np.float64, copy=False)

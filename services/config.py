@@ -1,0 +1,47 @@
+"""``ServerConfig``: everything a simulator server needs (a plain dataclass, composable into OmegaConf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rewards import RewardConfig
+
+
+@dataclass
+class ServerConfig:
+    """Where to listen, what to simulate, where to record, and the limits that protect the server."""
+
+    host: str = "127.0.0.1"
+    port: int = 0                                   # 0 picks a free port (reported by the server)
+    task: str = "pendulum"                          # task of the world model built when none is given
+    engine: str = "auto"                            # physics backend correcting the world model
+    engine_params: dict[str, float] = field(default_factory=dict)   # the simulator's physics (sim-to-real gap)
+    world_model_path: str | None = None          # checkpoint to serve at start; None = an untrained model
+    world_model_dir: str | None = None           # where LoadWorldModel finds versions (<dir>/<version>.*)
+    trajectory_dir: str | None = None            # recorder shards; None = record nothing
+    flush_every: int = 20_000                       # transitions per shard (also flushed on close and shutdown)
+    lap: int = 0                                    # written into every recorded transition
+    episode_offset: int = 0                         # first episode id; sessions take disjoint blocks after it
+    max_batch: int = 4096                           # largest num_envs / Imagine / Verify batch
+    max_message_mb: int = 256                       # gRPC send and receive limit
+    workers: int = 8                                # gRPC handler threads
+    max_sessions: int = 64
+    seed: int = 0                                   # seed of the untrained world model
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> ServerConfig:
+        """Raise ``ValueError`` naming the first out-of-range field and what is allowed."""
+        if not 0 <= int(self.port) <= 65535:
+            raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
+        for name in ("flush_every", "max_batch", "max_message_mb", "workers", "max_sessions"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("lap", "episode_offset"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.host:
+            raise ValueError("ServerConfig.host must be a host name or address, e.g. 127.0.0.1")
+        return self

@@ -1,0 +1,109 @@
+"""World models by version and the physics checker the server shares between calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from services.config import ServerConfig
+from services.session import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class ModelStore:
+    """The server's world models keyed by version; ``current`` is what new sessions get by default."""
+
+    def __init__(self, config: ServerConfig, world_model=None):
+        self.config = config
+        self._models: dict = {}
+        self._lock = threading.Lock()
+        self._verifiers: dict[str, tuple] = {}
+        if world_model is None and config.world_model_path:
+            world_model = self._read(config.world_model_path)
+        if world_model is None:
+            world_model = self._untrained(config.task)
+        self._add(world_model)
+
+    def _untrained(self, task_name: str):
+        from simulators.physics import build_model
+        from simulators.tasks import make_task
+        from simulators.world_model import WorldModel, WorldModelConfig
+
+        task = make_task(task_name)
+        model = build_model(task)
+        log.warning("no world model given: serving an untrained one for %s", task.name)
+        return WorldModel(task, model.nq + model.nv, model.nu, WorldModelConfig(seed=self.config.seed))
+
+    @staticmethod
+    def _read(path: str | Path):
+        from simulators.world_model import WorldModel
+
+        if not Path(path).is_file():
+            raise ServiceError("NOT_FOUND", f"no world-model file at {path}")
+        return WorldModel.load(path)
+
+    def _add(self, wm) -> None:
+        with self._lock:
+            self._models[wm.version] = wm
+            self.current = wm.version
+
+    def get(self, version: str = "", task: str | None = None):
+        """The model of ``version`` (empty = current), checked against ``task`` when given."""
+        with self._lock:
+            wm = self._models.get(version or self.current)
+        if wm is None:
+            raise ServiceError("NOT_FOUND", f"unknown world-model version {version!r}; loaded: {sorted(self._models)}")
+        if task is not None and wm.task.name != task:
+            raise ServiceError("INVALID_ARGUMENT", f"world model {wm.version} is for task {wm.task.name!r}, "
+                               f"not {task!r}; load a {task} model with LoadWorldModel")
+        return wm
+
+    def load(self, version: str = "", path: str = ""):
+        """Make a version (already loaded, or ``<world_model_dir>/<version>.*``) or a file the current model."""
+        if bool(version) == bool(path):
+            raise ServiceError("INVALID_ARGUMENT", "LoadWorldModel needs exactly one of version or path")
+        if path:
+            wm = self._read(path)
+        elif version in self._models:
+            wm = self._models[version]
+        else:
+            directory = Path(self.config.world_model_dir) if self.config.world_model_dir else None
+            found = sorted(directory.glob(f"{version}.*")) if directory and directory.is_dir() else []
+            if not found:
+                raise ServiceError("NOT_FOUND", f"world-model version {version!r} is neither loaded "
+                                   f"({sorted(self._models)}) nor in world_model_dir {directory}")
+            wm = self._read(found[0])
+        self._add(wm)
+        log.info("serving world model %s for new sessions", wm.version)
+        return wm
+
+    def verifier(self, task_name: str):
+        """An engine for RLPF checks of ``task_name`` and the lock that serialises its use."""
+        from simulators import make_engine
+
+        with self._lock:
+            if task_name not in self._verifiers:
+                engine = make_engine(self.config.engine, task_name, self.config.engine_params or None)
+                self._verifiers[task_name] = (engine, threading.Lock())
+            return self._verifiers[task_name]
+
+
+def verify_report(engine, start: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
+                  reward_config, scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``rewards.physics_violation`` flattened to named arrays (dict fields become ``<field>/<key>``)."""
+    from rewards import physics_violation
+
+    report = physics_violation(engine, start, actions, next_states, reward_config, scale=scale)
+    items = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
+    out: dict[str, np.ndarray] = {}
+    for name, value in items.items():
+        if isinstance(value, dict):
+            out.update({f"{name}/{k}": np.asarray(v) for k, v in value.items()})
+        elif isinstance(value, (np.ndarray, float, int, bool, np.generic)):
+            out[name] = np.asarray(value)
+    return out

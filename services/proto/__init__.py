@@ -1,0 +1,1 @@
+"""Generated gRPC code of the simulator service (see ``generate.py``)."""

@@ -1,0 +1,182 @@
+"""``SimSession``: one client's batch of corrected-simulator environments, graded and recorded.
+
+    session = open_session(config, models, SessionRequest(task="pendulum", num_envs=64), next_offset)
+    obs = session.restart(seed)                   # CorrectedSimulator.reset (re-seeded when a seed is given)
+    result, grades = session.advance(actions)     # CorrectedSimulator.step + rewards.grade_step + record
+    session.reset(seq, seed) / session.step(seq, actions_msg)   # the same, sequenced, as proto messages
+
+The server and ``LocalVectorEnv`` share this code. Calls of one session are serialised by its lock.
+Reset and Step carry a sequence number: the next number runs the call, a repeat of the last one is
+answered from the cache (a retried call never steps twice), anything else is out of order;
+``seq == 0`` means untagged and always runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rewards import grade_step
+from services.client import SessionInfo
+from services.codec import decode_float, encode
+from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
+from services.recorder import Recorder
+
+TERMS = ("task", "imagination", "physics")
+
+
+class ServiceError(Exception):
+    """An error with the name of the gRPC status code it should be answered with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SessionRequest:
+    """What a client asks for in ``CreateSession``."""
+
+    task: str = ""
+    num_envs: int = 1
+    fidelity: float = 1.0
+    mode: str = "blend"
+    seed: int = 0
+    world_model_version: str = ""
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    horizon: int = 0
+
+
+def with_weights(config, weights: dict[str, float], horizon: int = 0):
+    """A copy of a ``RewardConfig`` with some weights (task, imagination, physics) and the horizon replaced."""
+    names = {f.name for f in dataclasses.fields(config.weights)}
+    unknown = set(weights) - names
+    if unknown:
+        raise ServiceError("INVALID_ARGUMENT", f"unknown reward weight(s) {sorted(unknown)}; allowed: {sorted(names)}")
+    bad = {k: v for k, v in weights.items() if not (np.isfinite(v) and v >= 0)}
+    if bad:
+        raise ServiceError("INVALID_ARGUMENT", f"reward weights {bad} must be finite and >= 0")
+    changes = {"weights": dataclasses.replace(config.weights, **weights)}
+    if horizon:
+        changes["horizon"] = int(horizon)
+    return dataclasses.replace(config, **changes)
+
+
+def open_session(config, models, request: SessionRequest, next_offset: Callable[[], int]) -> SimSession:
+    """Validate a ``SessionRequest`` against the server's limits and build its session."""
+    from simulators.corrected import CorrectedSimulator
+
+    from simulators import make_engine, make_task
+
+    task, n = make_task(request.task or config.task), int(request.num_envs)
+    if n < 1:
+        raise ServiceError("INVALID_ARGUMENT", f"num_envs must be >= 1, got {n}")
+    if n > config.max_batch:
+        raise ServiceError("RESOURCE_EXHAUSTED", f"num_envs {n} is over the server's max_batch {config.max_batch}; "
+                           f"ask for at most {config.max_batch} envs per session")
+    if not 0.0 <= request.fidelity <= 1.0:
+        raise ServiceError("INVALID_ARGUMENT", f"fidelity must be in [0, 1], got {request.fidelity}")
+    wm = models.get(request.world_model_version, task.name)
+    engine = make_engine(config.engine, task, dict(config.engine_params) or None)
+    reward = with_weights(config.reward, dict(request.reward_weights), int(request.horizon))
+    mode, fidelity = request.mode or "blend", float(request.fidelity)
+
+    def make_sim(seed: int | None):
+        return CorrectedSimulator(task, wm, engine, fidelity, mode=mode, horizon=int(reward.horizon),
+                                  seed=int(request.seed if seed is None else seed), num_envs=n,
+                                  episode_offset=next_offset())
+
+    session_id = f"s-{uuid.uuid4().hex[:12]}"
+    meta = {"task": task.name, "wm_version": wm.version, "fidelity": fidelity, "mode": mode, "engine": engine.name,
+            "engine_params": dict(config.engine_params), "lap": int(config.lap)}
+    recorder = Recorder(config.trajectory_dir, session_id, meta, config.flush_every, config.lap)
+    spec = engine.spec
+    info = SessionInfo(session_id, task.name, n, np.full(spec.observation_size, -np.inf, np.float32),
+                       np.full(spec.observation_size, np.inf, np.float32), spec.action_low.astype(np.float32),
+                       spec.action_high.astype(np.float32), spec.state_size, task.episode_length, spec.control_dt,
+                       int(reward.horizon), {k: float(v) for k, v in dataclasses.asdict(reward.weights).items()},
+                       wm.version)
+    return SimSession(info, make_sim, engine, wm, reward, recorder)
+
+
+class SimSession:
+    """A ``CorrectedSimulator`` batch behind the wire: validation, sequence numbers, grading, recording."""
+
+    def __init__(self, info: SessionInfo, make_sim: Callable[[int | None], object], engine, world_model,
+                 reward_config, recorder: Recorder):
+        self.info, self.id, self.num_envs = info, info.session_id, info.num_envs
+        self.make_sim, self.engine, self.reward_config, self.recorder = make_sim, engine, reward_config, recorder
+        self.wm_version = str(world_model.version)
+        self.scale = np.asarray(world_model.state_scale, dtype=np.float64)
+        self.sim = make_sim(None)
+        self.lock = threading.Lock()
+        self.closed = False
+        self._seq, self._cached, self._started = 0, None, False
+
+    # -- in-process ----------------------------------------------------------------------------
+    def restart(self, seed: int | None = None) -> np.ndarray:
+        """Reset every env (a fresh simulator seeded with ``seed`` when given); observations ``[B, O]``."""
+        if seed is not None:
+            self.sim = self.make_sim(int(seed))
+        self._started = True
+        return np.asarray(self.sim.reset())
+
+    def advance(self, actions: np.ndarray):
+        """Step, grade and record the batch; returns ``(StepResult, grades)``."""
+        if not self._started:
+            raise ServiceError("FAILED_PRECONDITION", f"session {self.id}: call Reset before Step")
+        r = self.sim.step(actions)
+        grades = grade_step(r, self.engine, self.scale, self.reward_config)
+        done = np.asarray(r.terminated) | np.asarray(r.truncated)
+        self.recorder.add(r.states, r.actions, r.next_states, r.episode_ids, r.steps, done, r.success, grades)
+        return r, grades
+
+    # -- over the wire -------------------------------------------------------------------------
+    def _sequenced(self, seq: int, run: Callable[[], object]):
+        with self.lock:
+            if self.closed:
+                raise ServiceError("NOT_FOUND", f"session {self.id} is closed")
+            if seq and seq == self._seq and self._cached is not None:
+                return self._cached
+            if seq and seq != self._seq + 1:
+                raise ServiceError("FAILED_PRECONDITION", f"sequence number {seq} is out of order for session "
+                                   f"{self.id}: expected {self._seq + 1} (next) or {self._seq} (a retry)")
+            response = run()
+            if seq:
+                self._seq, self._cached = seq, response
+            return response
+
+    def reset(self, seq: int, seed: int | None) -> pb.ResetResponse:
+        def run():
+            obs = self.restart(seed)
+            return pb.ResetResponse(seq=seq, observations=encode(obs, "float32"), wm_version=self.wm_version)
+
+        return self._sequenced(seq, run)
+
+    def step(self, seq: int, actions: pb.Tensor) -> pb.StepResponse:
+        a = decode_float(actions, "actions", (self.num_envs, self.info.action_low.shape[0]))
+
+        def run():
+            r, grades = self.advance(a)
+            window = np.zeros(self.num_envs, bool) if r.window is None else np.asarray(r.window.mask, bool)
+            return pb.StepResponse(
+                seq=seq, observations=encode(r.observations, "float32"),
+                final_observations=encode(r.final_observations, "float32"),
+                reward=encode(grades["total"], "float32"),
+                reward_terms={k: encode(grades[k], "float32") for k in TERMS},
+                terminated=encode(r.terminated, "bool"), truncated=encode(r.truncated, "bool"),
+                success=encode(r.success, "bool"), episode_ids=encode(r.episode_ids, "int64"),
+                steps=encode(r.steps, "int32"), window=encode(window, "bool"), wm_version=self.wm_version)
+
+        return self._sequenced(seq, run)
+
+    def close(self) -> str | None:
+        """Mark closed and flush the recorder; returns the last shard written (if any)."""
+        with self.lock:
+            self.closed = True
+        return self.recorder.flush()

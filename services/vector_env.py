@@ -1,0 +1,138 @@
+"""Gymnasium ``VectorEnv`` adapters over a batch of corrected-simulator environments.
+
+``SimulatorVectorEnv`` holds the conversion shared by ``RemoteVectorEnv`` (one gRPC session) and
+``services.local_env.LocalVectorEnv`` (an in-process ``CorrectedSimulator``): the backend steps
+with same-step auto-reset; this class presents gymnasium's **next-step** autoreset, the mode RLlib's
+``SingleAgentEnvRunner`` expects (it records the observation after a done step as the terminal
+observation, and the next step's observation as the new episode's reset observation).
+
+    env = RemoteVectorEnv(address, "pendulum", num_envs=64, fidelity=0.5)
+    obs, info = env.reset(seed=0)
+    for t in range(T):
+        obs, reward, terminated, truncated, info = env.step(policy(obs))
+        # info["reward/task"|"reward/imagination"|"reward/physics"|"reward/total"], info["success"] (+ "_" masks)
+    env.close()
+
+Next-step reset: an env whose episode ended returns its terminal observation; the backend has
+already reset it, so on the following call it ignores the given action, takes one step from the
+new initial state under the neutral action (the middle of the action bounds), and returns that
+state's observation with reward 0 and no termination. The reset distribution seen by the policy is
+therefore the task's initial distribution advanced by one neutral step (documented trade-off: the
+batch simulator cannot hold one env still while the others step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from services.client import NotFound, SessionInfo, SimulatorClient, StepReply, Unavailable
+
+TERMS = ("task", "imagination", "physics")
+
+
+class SimulatorVectorEnv(VectorEnv):
+    """Next-step-autoreset ``VectorEnv`` over a same-step batch backend (subclasses supply ``_reset``/``_step``)."""
+
+    metadata: ClassVar[dict] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+    render_mode = None
+
+    def _setup(self, info: SessionInfo) -> None:
+        self.num_envs = int(info.num_envs)
+        self.session_info = info
+        self.single_observation_space = spaces.Box(info.observation_low.astype(np.float32),
+                                                   info.observation_high.astype(np.float32), dtype=np.float32)
+        self.single_action_space = spaces.Box(info.action_low.astype(np.float32), info.action_high.astype(np.float32),
+                                              dtype=np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._neutral = ((info.action_low + info.action_high) / 2).astype(np.float32)
+        self._pending = np.zeros(self.num_envs, dtype=bool)
+        self._needs_reset = True
+
+    # -- backend -------------------------------------------------------------------------------
+    def _reset(self, seed: int | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _step(self, actions: np.ndarray) -> StepReply:
+        raise NotImplementedError
+
+    # -- gymnasium -----------------------------------------------------------------------------
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        if isinstance(seed, (list, tuple)):
+            if len(set(seed)) > 1:
+                raise ValueError(f"one seed seeds the whole batch; got a list of {len(seed)} different seeds")
+            seed = seed[0] if seed else None
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        super().reset(seed=None if seed is None else int(seed))
+        obs = self._reset(None if seed is None else int(seed))
+        self._pending[:] = False
+        self._needs_reset = False
+        return np.asarray(obs, dtype=np.float32), {}
+
+    def step(self, actions):
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step()")
+        a = np.asarray(actions, dtype=np.float32)
+        if a.shape != self.action_space.shape:
+            raise ValueError(f"actions have shape {a.shape}, expected {self.action_space.shape} (num_envs, action_size)")
+        if not np.isfinite(a).all():
+            raise ValueError(f"non-finite action in env(s) {np.flatnonzero(~np.isfinite(a).all(axis=1))[:10].tolist()}")
+        held = self._pending
+        if held.any():
+            a = np.where(held[:, None], self._neutral, a)
+        out = self._step(a)
+        ended = out.terminated | out.truncated
+        live = ~held
+        obs = np.where((ended & live)[:, None], out.final_observations, out.observations).astype(np.float32)
+        reward = np.where(live, out.reward, 0.0).astype(np.float32)
+        terminated, truncated = out.terminated & live, out.truncated & live
+        info: dict[str, np.ndarray] = {}
+        for name in (*TERMS, "total"):
+            value = out.reward if name == "total" else out.reward_terms[name]
+            info[f"reward/{name}"] = np.where(live, value, 0.0).astype(np.float32)
+            info[f"_reward/{name}"] = live.copy()
+        info["success"], info["_success"] = out.success & ended & live, ended & live
+        info["episode_id"], info["_episode_id"] = out.episode_ids, live.copy()
+        info["window"], info["_window"] = out.window & live, live.copy()
+        self._pending = ended.copy()
+        return obs, reward, terminated, truncated, info
+
+
+class RemoteVectorEnv(SimulatorVectorEnv):
+    """A ``VectorEnv`` over one session of a simulator server (numpy, gymnasium and grpc only)."""
+
+    def __init__(self, address: str, task: str, num_envs: int, fidelity: float = 1.0, mode: str = "blend",
+                 seed: int = 0, reward_weights: dict[str, float] | None = None, horizon: int = 0,
+                 world_model_version: str = "", streaming: bool = False, timeout: float = 60.0,
+                 max_message_mb: int = 256):
+        self.client = SimulatorClient(address, timeout=timeout, max_message_mb=max_message_mb)
+        try:
+            self.session = self.client.create_session(task, num_envs, fidelity=fidelity, mode=mode, seed=seed,
+                                                      world_model_version=world_model_version,
+                                                      reward_weights=reward_weights, horizon=horizon)
+        except BaseException:
+            self.client.close()
+            raise
+        if streaming:
+            self.session.use_stream()
+        self._setup(self.session.info)
+
+    def _reset(self, seed: int | None) -> np.ndarray:
+        return self.session.reset(seed)
+
+    def _step(self, actions: np.ndarray) -> StepReply:
+        return self.session.step(actions)
+
+    def close_extras(self, **kwargs) -> None:
+        try:
+            self.session.close()
+        except (NotFound, Unavailable):   # the server already dropped the session or went away
+            pass
+        finally:
+            self.client.close()
