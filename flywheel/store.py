@@ -1,0 +1,120 @@
+"""The trajectory store: append-only shards per lap with an atomically written manifest.
+
+Layout under ``<run_dir>/store``::
+
+    manifest.json                 every shard the store vouches for (lap, kind, source, counts, metrics)
+    lap_000/seed.npz              reality seed data (lap 0)
+    lap_NNN/raw/*.npz             what the lap's simulator server recorded (the server writes here)
+    lap_NNN/selected.npz          the lap's selected self-play trajectories
+
+Writes go shard first, manifest second, both atomic (temp file, fsync, ``os.replace``). A reader
+trusts only the manifest, so a crash between the two leaves an orphan file that is never read and
+is overwritten when the stage runs again; a (lap, kind) entry is replaced, never duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from simulators.dataset import SOURCE_REALITY, SOURCE_SIM, TransitionDataset, atomic_write
+
+KINDS = {"seed": SOURCE_REALITY, "selected": SOURCE_SIM, "eval": SOURCE_REALITY}
+
+
+@dataclass
+class ShardEntry:
+    """One manifest row."""
+
+    lap: int
+    kind: str
+    source: str
+    path: str                       # relative to the store root
+    transitions: int
+    episodes: int
+    successes: int
+    metrics: dict = field(default_factory=dict)
+    created: float = 0.0
+
+
+class TrajectoryStore:
+    """Append-only per-lap shards plus a manifest; ``training_data(lap)`` is what the world model learns from."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.root / "manifest.json"
+
+    # -- manifest ------------------------------------------------------------------------------
+    def entries(self, lap: int | None = None, kind: str | None = None) -> list[ShardEntry]:
+        if not self.manifest_path.exists():
+            return []
+        rows = [ShardEntry(**r) for r in json.loads(self.manifest_path.read_text())["shards"]]
+        return [r for r in rows if (lap is None or r.lap == lap) and (kind is None or r.kind == kind)]
+
+    def _write_manifest(self, rows: list[ShardEntry]) -> None:
+        rows = sorted(rows, key=lambda r: (r.lap, r.kind))
+        text = json.dumps({"version": 1, "shards": [asdict(r) for r in rows]}, indent=1).encode()
+        atomic_write(self.manifest_path, lambda f: f.write(text))
+
+    # -- shards --------------------------------------------------------------------------------
+    def lap_dir(self, lap: int) -> Path:
+        return self.root / f"lap_{lap:03d}"
+
+    def add(self, lap: int, kind: str, dataset: TransitionDataset, metrics: dict | None = None) -> ShardEntry:
+        """Write the (lap, kind) shard atomically and record it, replacing an earlier entry of the same (lap, kind)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown shard kind {kind!r}; allowed: {', '.join(KINDS)}")
+        rel = f"{self.lap_dir(lap).name}/{kind}.npz"
+        dataset.save(self.root / rel)
+        ends = dataset.dones.astype(bool)
+        entry = ShardEntry(lap=lap, kind=kind, source="reality" if KINDS[kind] == SOURCE_REALITY else "sim", path=rel,
+                           transitions=len(dataset), episodes=len(np.unique(dataset.episode_ids)),
+                           successes=int((dataset.success.astype(bool) & ends).sum()),
+                           metrics={k: float(v) for k, v in (metrics or {}).items()}, created=time.time())
+        rows = [r for r in self.entries() if not (r.lap == lap and r.kind == kind)]
+        self._write_manifest([*rows, entry])
+        return entry
+
+    def load(self, lap: int | None = None, kind: str | None = None, upto: int | None = None) -> TransitionDataset | None:
+        """Concatenate the manifest's shards matching ``lap``/``kind`` (and ``lap <= upto``); None if there are none."""
+        rows = [r for r in self.entries(lap, kind) if upto is None or r.lap <= upto]
+        parts = [TransitionDataset.load(self.root / r.path) for r in rows]
+        return TransitionDataset.concat(parts) if parts else None
+
+    def training_data(self, upto: int) -> TransitionDataset:
+        """Seed data plus every selected trajectory of laps ``<= upto``."""
+        seed = self.load(kind="seed")
+        if seed is None:
+            raise FileNotFoundError(f"no seed shard in the trajectory store {self.root}; lap 0 must run first")
+        selected = self.load(kind="selected", upto=upto)
+        return TransitionDataset.concat([seed, selected]) if selected is not None and len(selected) else seed
+
+    # -- the server's raw recordings -----------------------------------------------------------
+    def raw_dir(self, lap: int) -> Path:
+        path = self.lap_dir(lap) / "raw"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clear_raw(self, lap: int) -> None:
+        """Drop a lap's raw recordings (a self-play stage that restarts records afresh)."""
+        shutil.rmtree(self.lap_dir(lap) / "raw", ignore_errors=True)
+
+    def raw_shards(self, lap: int) -> list[Path]:
+        """Completed raw shard files (temp files of an unfinished write start with '.' and are skipped)."""
+        path = self.lap_dir(lap) / "raw"
+        return sorted(p for p in path.glob("*.npz") if not p.name.startswith(".")) if path.exists() else []
+
+    def read_raw(self, lap: int) -> TransitionDataset | None:
+        parts = [TransitionDataset.load(p) for p in self.raw_shards(lap)]
+        return TransitionDataset.concat(parts) if parts else None
+
+    def summary(self) -> dict:
+        rows = self.entries()
+        return {"shards": len(rows), "transitions": sum(r.transitions for r in rows),
+                "selected_episodes": sum(r.episodes for r in rows if r.kind == "selected")}

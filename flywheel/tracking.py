@@ -1,0 +1,150 @@
+"""MLflow tracking: one MLflow run per flywheel run, every per-lap metric with ``step=lap``.
+
+The default store is SQLite in the runs folder (``sqlite:///<runs_root>/mlflow.db``, shared by all
+local runs, so one ``mlflow ui --backend-store-uri ...`` shows them all) with artifacts under
+``<runs_root>/mlartifacts``; any tracking URI works. The run id is persisted in the run directory
+(``tracking.json``) so a resume reopens the same MLflow run. A run that ends by an exception is
+marked FAILED; a run killed outright stays RUNNING until it is resumed (and is then reopened).
+A sweep is a parent run whose children carry the ``mlflow.parentRunId`` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from flywheel.config import FlywheelConfig, to_container, to_yaml
+from simulators.dataset import atomic_write
+
+RUN_FILE = "tracking.json"
+
+
+def default_uri(runs_root: str | Path) -> str:
+    return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: FlywheelConfig) -> str:
+    return cfg.tracking.uri or default_uri(cfg.runs_root)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+class Tracker:
+    """A handle on one MLflow run (created or reopened), through ``MlflowClient`` (no global active run)."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        quiet_mlflow()
+        self.uri, self.experiment, self.run_id = uri, experiment, run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, cfg: FlywheelConfig, run_dir: str | Path, run_name: str | None = None,
+             parent_run_id: str | None = None, tags: dict | None = None) -> Tracker:
+        """Reopen the run recorded in ``run_dir`` or create one (logging params and the resolved config)."""
+        from mlflow.tracking import MlflowClient
+
+        quiet_mlflow()
+        run_dir = Path(run_dir)
+        uri = tracking_uri(cfg)
+        saved = run_dir / RUN_FILE
+        client = MlflowClient(tracking_uri=uri)
+        if saved.exists():
+            info = json.loads(saved.read_text())
+            if info["uri"] != uri:
+                raise ValueError(f"run {run_dir} is tracked at {info['uri']}, not {uri}; resume with the same "
+                                 f"tracking.uri")
+            client.update_run(info["run_id"], status="RUNNING")
+            return cls(uri, info["experiment"], info["run_id"])
+        exp_id = experiment_id(client, cfg.tracking.experiment, cfg.runs_root)
+        all_tags = {"flywheel.run_dir": str(run_dir.resolve()), "flywheel.task": cfg.task, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags=all_tags)
+        tracker = cls(uri, cfg.tracking.experiment, run.info.run_id)
+        tracker.log_params(flatten(to_container(cfg)))
+        tracker.client.log_text(tracker.run_id, to_yaml(cfg), "config/resolved.yaml")
+        text = json.dumps({"uri": uri, "experiment": cfg.tracking.experiment, "run_id": run.info.run_id}).encode()
+        atomic_write(saved, lambda f: f.write(text))
+        return tracker
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i: i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> int:
+        """Log metrics at ``step``, skipping keys already logged at that step (a resumed stage logs nothing twice)."""
+        from mlflow.entities import Metric
+
+        logged = self.client.get_run(self.run_id).data.metrics
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            if key in logged and any(m.step == step for m in self.client.get_metric_history(self.run_id, key)):
+                continue
+            items.append(Metric(key, float(value), now, step))
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i: i + 500])
+        return len(items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    @property
+    def ui_hint(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite") else self.uri
+
+
+def experiment_id(client, name: str, runs_root: str | Path) -> str:
+    """The id of experiment ``name``, creating it (artifacts under ``<runs_root>/mlartifacts``) if needed."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite"):
+        location = (Path(runs_root).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def quiet_mlflow() -> None:
+    """Silence MLflow's database-migration chatter on the first use of a store."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,79 @@
+"""MLflow tracking on a real SQLite store, and the report plots and tables."""
+
+import json
+
+import numpy as np
+
+from flywheel.config import load_config
+from flywheel.report import format_sweep_table, format_table, load_history, plot_sweep, sweep_summary, write_run_report
+from flywheel.tracking import Tracker, default_uri
+
+
+def test_run_is_reopened_not_duplicated_and_metrics_are_logged_once(tmp_path):
+    cfg = load_config([f"runs_root={tmp_path}"])
+    run_dir = tmp_path / "run-a"
+    tracker = Tracker.open(cfg, run_dir)
+    assert tracker.uri == default_uri(tmp_path) and (tmp_path / "mlflow.db").exists()
+    assert tracker.log_metrics({"capability/success_rate": 0.25, "lap/seconds": 3.0}, step=0) == 2
+    tracker.finish("FAILED")
+    assert tracker.client.get_run(tracker.run_id).info.status == "FAILED"
+
+    again = Tracker.open(cfg, run_dir)                     # resume: the same run, RUNNING again
+    assert again.run_id == tracker.run_id
+    assert again.client.get_run(again.run_id).info.status == "RUNNING"
+    assert again.log_metrics({"capability/success_rate": 0.25}, step=0) == 0   # already there
+    again.log_metrics({"capability/success_rate": 0.5}, step=1)
+    assert again.metric_history("capability/success_rate") == [(0, 0.25), (1, 0.5)]
+    run = again.client.get_run(again.run_id)
+    assert run.data.params["simulator.fidelity"] == str(cfg.simulator.fidelity)
+    assert [a.path for a in again.client.list_artifacts(again.run_id, "config")] == ["config/resolved.yaml"]
+    runs = again.client.search_runs([run.info.experiment_id])
+    assert len(runs) == 1
+
+
+def test_sweep_children_point_at_parent(tmp_path):
+    cfg = load_config([f"runs_root={tmp_path}", "tracking.experiment=sweeps"])
+    parent = Tracker.open(cfg, tmp_path / "sweep")
+    child = Tracker.open(cfg, tmp_path / "sweep" / "f0", parent_run_id=parent.run_id)
+    tags = child.client.get_run(child.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id
+    assert json.loads((tmp_path / "sweep" / "f0" / "tracking.json").read_text())["run_id"] == child.run_id
+
+
+def _fake_run(run_dir, laps=3):
+    for lap in range(laps):
+        d = run_dir / "laps" / f"lap_{lap:03d}"
+        d.mkdir(parents=True)
+        metrics = {"capability/success_rate": 0.1 * lap, "capability/return": 10.0 * lap,
+                   "world_model/open_loop_error": 1.0 / (lap + 1), "lap/seconds": 12.0}
+        (d / "metrics.json").write_text(json.dumps({"lap": lap, "logged": True, "metrics": metrics}))
+    t = np.linspace(0, 1, 40)
+    real = np.stack([np.sin(t), np.cos(t)], 1)
+    np.savez(run_dir / "laps" / f"lap_{laps - 1:03d}" / "trajectory.npz", real=real, imagined=real + 0.05,
+             dt=0.05, horizon=5)
+
+
+def test_run_report_rebuilds_from_the_run_directory(tmp_path):
+    _fake_run(tmp_path)
+    rows = load_history(tmp_path)
+    assert [r["lap"] for r in rows] == [0, 1, 2]
+    files = write_run_report(tmp_path)
+    names = sorted(f.name for f in files)
+    assert names == ["capability.png", "table.txt", "trajectory_lap002.png"]
+    assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
+    table = format_table(rows).splitlines()
+    assert len(table) == 2 + 3 and "success" in table[0] and "0.20" in table[-1] and "-" in table[-1]
+
+
+def test_sweep_summary_has_a_row_per_setting_with_mean_and_spread(tmp_path):
+    runs = [{"setting": f"simulator.fidelity={f}", "seed": s,
+             "rows": [{"lap": lap, "capability/success_rate": f * lap + 0.1 * s} for lap in range(3)]}
+            for f in (0.0, 1.0) for s in range(2)]
+    summary = sweep_summary(runs)
+    assert [s["setting"] for s in summary] == ["simulator.fidelity=0.0", "simulator.fidelity=1.0"]
+    np.testing.assert_allclose(summary[1]["mean"], [0.05, 1.05, 2.05])
+    np.testing.assert_allclose(summary[1]["std"], [0.05, 0.05, 0.05])
+    text = format_sweep_table(summary, "success rate")
+    assert len(text.splitlines()) == 3 + 2 and "2.050±0.050" in text
+    path = plot_sweep({"capability/success_rate": summary}, tmp_path / "sweep.png")
+    assert path.stat().st_size > 1000
