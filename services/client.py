@@ -213,20 +213,29 @@ class Session:
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Reset every env (re-seeded when ``seed`` is given); returns observations ``[B, O]``."""
-        self._seq += 1
-        r = self.client.call("Reset", pb.ResetRequest(session_id=self.id, seq=self._seq, has_seed=seed is not None,
-                                                      seed=0 if seed is None else int(seed)))
+        r = self._sequenced("Reset", pb.ResetRequest(session_id=self.id, seq=self._seq + 1, has_seed=seed is not None,
+                                                     seed=0 if seed is None else int(seed)))
         return decode(r.observations)
 
     def step(self, actions: np.ndarray) -> StepReply:
         """Step every env with ``actions [B, A]`` (float32 on the wire)."""
-        self._seq += 1
-        request = pb.StepRequest(session_id=self.id, seq=self._seq, actions=encode(actions, "float32"))
-        if self._stream is not None:
+        request = pb.StepRequest(session_id=self.id, seq=self._seq + 1, actions=encode(actions, "float32"))
+        return StepReply.from_proto(self._sequenced("Step", request))
+
+    def _sequenced(self, method: str, request):
+        """Send a numbered call; the number is used up only when the server answered it.
+
+        After an ambiguous failure (deadline, unavailable) repeat the same request: the server
+        either runs it or answers it from its cache.
+        """
+        if self._stream is not None and method == "Step":
             if self._stream.dead:
                 self._stream = _StepStream(self.client)
-            return StepReply.from_proto(self._stream.send(request))
-        return StepReply.from_proto(self.client.call("Step", request))
+            response = self._stream.send(request)
+        else:
+            response = self.client.call(method, request)
+        self._seq = request.seq
+        return response
 
     def use_stream(self) -> None:
         """Step over one bidirectional ``StreamStep`` call instead of unary calls."""

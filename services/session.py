@@ -116,7 +116,7 @@ class SimSession:
         self.sim = make_sim(None)
         self.lock = threading.Lock()
         self.closed = False
-        self._seq, self._cached, self._started = 0, None, False
+        self._seq, self._cached, self._cached_key, self._started = 0, None, b"", False
 
     # -- in-process ----------------------------------------------------------------------------
     def restart(self, seed: int | None = None) -> np.ndarray:
@@ -137,18 +137,21 @@ class SimSession:
         return r, grades
 
     # -- over the wire -------------------------------------------------------------------------
-    def _sequenced(self, seq: int, run: Callable[[], object]):
+    def _sequenced(self, seq: int, key: bytes, run: Callable[[], object]):
         with self.lock:
             if self.closed:
                 raise ServiceError("NOT_FOUND", f"session {self.id} is closed")
             if seq and seq == self._seq and self._cached is not None:
+                if key != self._cached_key:
+                    raise ServiceError("FAILED_PRECONDITION", f"sequence number {seq} of session {self.id} was "
+                                       "already used by a different request; a retry must repeat the request")
                 return self._cached
             if seq and seq != self._seq + 1:
                 raise ServiceError("FAILED_PRECONDITION", f"sequence number {seq} is out of order for session "
                                    f"{self.id}: expected {self._seq + 1} (next) or {self._seq} (a retry)")
             response = run()
             if seq:
-                self._seq, self._cached = seq, response
+                self._seq, self._cached, self._cached_key = seq, response, key
             return response
 
     def reset(self, seq: int, seed: int | None) -> pb.ResetResponse:
@@ -156,7 +159,7 @@ class SimSession:
             obs = self.restart(seed)
             return pb.ResetResponse(seq=seq, observations=encode(obs, "float32"), wm_version=self.wm_version)
 
-        return self._sequenced(seq, run)
+        return self._sequenced(seq, f"reset:{seed}".encode(), run)
 
     def step(self, seq: int, actions: pb.Tensor) -> pb.StepResponse:
         a = decode_float(actions, "actions", (self.num_envs, self.info.action_low.shape[0]))
@@ -173,7 +176,7 @@ class SimSession:
                 success=encode(r.success, "bool"), episode_ids=encode(r.episode_ids, "int64"),
                 steps=encode(r.steps, "int32"), window=encode(window, "bool"), wm_version=self.wm_version)
 
-        return self._sequenced(seq, run)
+        return self._sequenced(seq, actions.SerializeToString(), run)
 
     def close(self) -> str | None:
         """Mark closed and flush the recorder; returns the last shard written (if any)."""
