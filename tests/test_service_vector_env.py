@@ -1,0 +1,123 @@
+"""``RemoteVectorEnv`` over a real server process and ``LocalVectorEnv``: gymnasium checks and equality."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import data_equivalence
+from gymnasium.vector import AutoresetMode
+from gymnasium.wrappers.vector import DictInfoToList, NormalizeObservation, RecordEpisodeStatistics
+
+from services import LocalVectorEnv, RemoteVectorEnv, ServerConfig, ServerProcess
+from simulators import make_engine, make_task
+from simulators.world_model import WorldModel, WorldModelConfig
+
+TASK, B = "pendulum", 3
+T = make_task(TASK).episode_length
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("venv")
+    spec = make_engine("mujoco", TASK).spec
+    WorldModel(TASK, spec.state_size, spec.action_size,
+               WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1)).save(root / "wm.pt")
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(root / "wm.pt"))
+    with ServerProcess(config) as proc:
+        yield {"address": proc.address, "config": config, "spec": spec}
+
+
+def remote(setup, **kw):
+    return RemoteVectorEnv(setup["address"], TASK, B, **{"fidelity": 0.5, "seed": 0, **kw})
+
+
+def local(setup, **kw):
+    return LocalVectorEnv(TASK, B, config=setup["config"], **{"fidelity": 0.5, "seed": 0, **kw})
+
+
+def actions(t: int) -> np.ndarray:
+    return np.random.default_rng(t).uniform(-1, 1, (B, 1)).astype(np.float32)
+
+
+def test_spaces_and_metadata(setup):
+    env = remote(setup)
+    spec = setup["spec"]
+    assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    assert isinstance(env.single_action_space, gym.spaces.Box) and env.single_action_space.dtype == np.float32
+    np.testing.assert_array_equal(env.single_action_space.low, spec.action_low)
+    np.testing.assert_array_equal(env.single_action_space.high, spec.action_high)
+    assert env.action_space.shape == (B, spec.action_size)
+    assert env.single_observation_space.shape == (spec.observation_size,)
+    assert env.observation_space.shape == (B, spec.observation_size)
+    env.close()
+
+
+@pytest.mark.parametrize("make", [remote, local], ids=["remote", "local"])
+def test_checks_a_gymnasium_user_runs(setup, make):
+    env = make(setup)
+    obs, info = env.reset(seed=123)
+    assert isinstance(info, dict) and obs.dtype == np.float32 and env.observation_space.contains(obs)
+    obs2, _ = env.reset(seed=123)
+    assert data_equivalence(obs, obs2), "reset(seed) must be deterministic"
+    env.action_space.seed(0)
+    a = env.action_space.sample()
+    first = env.step(a)
+    env.reset(seed=123)
+    again = env.step(a)
+    strip = lambda out: (*out[:4], {k: v for k, v in out[4].items() if "episode_id" not in k})  # noqa: E731
+    assert data_equivalence(strip(first), strip(again)), "step after reset(seed) must be deterministic"
+    assert not set(first[4]["episode_id"]) & set(again[4]["episode_id"]), "episode ids are never reused"
+    obs, reward, terminated, truncated, info = first
+    assert env.observation_space.contains(obs)
+    assert reward.shape == (B,) and reward.dtype == np.float32
+    assert terminated.dtype == bool and truncated.dtype == bool and terminated.shape == truncated.shape == (B,)
+    for key in ("reward/task", "reward/imagination", "reward/physics", "reward/total", "success", "episode_id"):
+        assert info[key].shape == (B,) and info[f"_{key}"].shape == (B,)
+    np.testing.assert_allclose(info["reward/total"], reward)
+    with pytest.raises(ValueError, match=r"actions have shape \(3, 2\), expected \(3, 1\)"):
+        env.step(np.zeros((B, 2), np.float32))
+    with pytest.raises(ValueError, match="non-finite action"):
+        env.step(np.full((B, 1), np.nan, np.float32))
+    env.close()
+    assert env.closed
+
+
+def test_remote_equals_local_and_autoresets_on_the_next_step(setup):
+    envs = [remote(setup), local(setup)]
+    outs = [[env.reset(seed=4)[0]] for env in envs]
+    for t in range(T + 3):
+        for env, out in zip(envs, outs):
+            out.append(env.step(actions(t)))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        for x, y in zip(a[:4], b[:4]):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+        for key in (k for k in a[4] if k != "episode_id"):   # ids come from disjoint per-server blocks
+            np.testing.assert_allclose(a[4][key], b[4][key], rtol=1e-6, atol=1e-6)
+    steps = outs[0][1:]
+    for t in range(T - 1):
+        assert not steps[t][3].any()
+    obs_end, reward_end, _, truncated, info_end = steps[T - 1]
+    assert truncated.all() and info_end["_success"].all()            # every episode ends at its length
+    obs_reset, reward_reset, term_r, trunc_r, info_reset = steps[T]  # next step: the reset observation
+    assert (reward_reset == 0).all() and not term_r.any() and not trunc_r.any()
+    assert not info_reset["_reward/total"].any() and not info_reset["_success"].any()
+    assert not np.allclose(obs_reset, obs_end)
+    assert info_reset["_reward/total"].sum() == 0 and steps[T + 1][4]["_reward/total"].all()
+    assert (steps[T + 1][4]["episode_id"] != info_end["episode_id"]).all()
+    for env in envs:
+        env.close()
+
+
+def test_composes_with_gymnasium_wrappers_and_make_vec(setup):
+    gym.register("FlywheelRemote-v0", vector_entry_point=lambda num_envs, **kw: RemoteVectorEnv(
+        setup["address"], TASK, num_envs, fidelity=1.0, seed=0))
+    env = gym.make_vec("FlywheelRemote-v0", num_envs=2, vectorization_mode="vector_entry_point")
+    env = DictInfoToList(RecordEpisodeStatistics(NormalizeObservation(env)))
+    obs, infos = env.reset(seed=0)
+    assert obs.shape == (2, 3) and infos == [{}, {}]
+    for _ in range(T + 1):
+        obs, reward, terminated, truncated, infos = env.step(env.action_space.sample())
+    assert "episode" not in infos[0] and "reward/task" not in infos[0]  # the reset step carries no terms
+    env.close()
