@@ -83,7 +83,8 @@ def grade_step(step_result: Any, engine: Any, scale: np.ndarray, config: RewardC
         if mask.any():
             start, actions, imagined, actual = (_rows(getattr(window, k), mask, k)
                                                 for k in ("start", "actions", "imagined", "actual"))
-            terms["imagination"][mask] = imagination_accuracy(imagined, actual, scale, cfg.accuracy_sharpness)
+            terms["imagination"][mask] = imagination_accuracy(imagined, actual, scale, cfg.accuracy_sharpness,
+                                                                 cfg.scale_floor)
             report = physics_violation(engine, start, actions, imagined, cfg, scale=scale)
             terms["physics"][mask] = report.reward
     total, _ = composite(terms, cfg.weights)

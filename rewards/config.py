@@ -49,6 +49,7 @@ class RewardConfig:
     accuracy_sharpness: float = 10.0    # k in accuracy = exp(-k * mean normalised squared error)
     nonfinite_score: float = 10.0       # violation score (in tolerances) of a transition with NaN/inf
     success_bonus: float = 1.0          # added to the task term on the step that ends a successful episode
+    scale_floor: float = 1e-3           # per-dimension scales below this (state units) are raised to it
 
     def __post_init__(self) -> None:
         validate(self)
@@ -66,6 +67,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {  # key -> (low, high, low is e
     "accuracy_sharpness": (0.0, math.inf, True),
     "nonfinite_score": (1.0, math.inf, True),
     "success_bonus": (0.0, math.inf, False),
+    "scale_floor": (0.0, math.inf, False),
 }
 
 

@@ -57,15 +57,15 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
                       config: RewardConfig | None = None, scale: np.ndarray | None = None) -> ViolationReport:
     """Check imagined windows ``[B,H,S]`` from ``start [B,S]`` under ``actions [B,H,A]`` against ``engine``.
 
-    ``scale [S]`` normalises the residual per dimension (pass ``WorldModel.state_scale``);
-    without it the residual is in raw state units.
+    ``scale [S]`` normalises the residual per dimension (pass ``WorldModel.state_scale``; raised
+    to ``config.scale_floor``); without it the residual is in raw state units.
     """
     cfg = validate(config if config is not None else RewardConfig())
     tol = cfg.tolerances
     spec = engine.spec
     s0, acts, im = _check_inputs(spec, start, actions, imagined)
     B, H, S = im.shape
-    sc = np.ones(S) if scale is None else check_scale(scale, S)
+    sc = np.ones(S) if scale is None else check_scale(scale, S, cfg.scale_floor)
 
     prev = np.concatenate([s0[:, None], im[:, :-1]], axis=1).reshape(B * H, S)
     nxt = im.reshape(B * H, S)

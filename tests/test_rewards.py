@@ -77,6 +77,18 @@ def test_imagination_accuracy_nan_is_zero_and_bad_input_errors():
         rewards.imagination_accuracy(imagined, actual, np.ones(3))
     with pytest.raises(ValueError, match=r"bad dimension\(s\) \[0\]"):
         rewards.imagination_accuracy(imagined, actual, np.array([-1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"scale is 0 in dimension\(s\) \[1\]"):
+        rewards.imagination_accuracy(imagined, actual, np.array([1.0, 0.0]), scale_floor=0.0)
+
+
+def test_a_dimension_that_never_moves_does_not_dominate():
+    """Scale 0 (std of a constant dimension) is raised to the floor: a 1e-6 error there is negligible."""
+    actual = np.zeros((1, 3, 2))
+    imagined = actual.copy()
+    imagined[..., 1] = 1e-6
+    assert rewards.imagination_accuracy(imagined, actual, np.array([1.0, 0.0]))[0] > 0.999
+    imagined[..., 1] = 0.05                                         # a real drift of a still thing still counts
+    assert rewards.imagination_accuracy(imagined, actual, np.array([1.0, 0.0]))[0] < 0.01
 
 
 # -- task ----------------------------------------------------------------------------------------

@@ -225,4 +225,4 @@ def test_bad_shapes_are_errors(engines):
     with pytest.raises(ValueError, match="actions have shape"):
         rewards.physics_violation(engine, start, actions[:, :-1], imagined)
     with pytest.raises(ValueError, match="scale"):
-        rewards.physics_violation(engine, start, actions, imagined, scale=np.array([1.0, 0.0, 1.0, 1.0]))
+        rewards.physics_violation(engine, start, actions, imagined, scale=np.array([1.0, np.nan, 1.0, 1.0]))
