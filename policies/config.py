@@ -1,0 +1,128 @@
+"""Policy-worker configuration: our own PPO settings and where the workers' environments come from.
+
+Plain dataclasses (composable into the flywheel's OmegaConf schema); the RLlib configuration is
+built from them in ``policies.rllib_adapter`` and nowhere else::
+
+    ppo = ppo_config_for("pendulum", num_env_runners=2)        # TASK_DEFAULTS + overrides
+    env = EnvConfig(task="pendulum", addresses=[server.address], fidelity=1.0)
+    trainer = PolicyTrainer(ppo, env)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+ACTIVATIONS = ("tanh", "relu", "silu", "elu")
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters, network and worker layout (one learner on the driver)."""
+
+    lr: float = 3e-4
+    gamma: float = 0.99
+    lambda_: float = 0.95
+    clip: float = 0.2                   # PPO surrogate clip
+    vf_clip: float = 10.0               # value-function loss clip
+    vf_loss_coeff: float = 0.5
+    entropy_coeff: float = 0.0
+    kl_coeff: float = 0.0               # 0 turns the KL penalty off
+    grad_clip: float = 0.5
+    train_batch_size: int = 4000        # env steps per training iteration
+    minibatch_size: int = 256
+    num_epochs: int = 10
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+    num_env_runners: int = 1            # EnvRunner actors; 0 steps the env in the driver
+    num_envs_per_runner: int = 16       # envs in each runner's (gRPC-backed) VectorEnv
+    num_cpus_per_runner: float = 1.0
+    rollout_fragment_length: int = 0    # 0 = auto (train_batch_size / (runners * envs))
+    sample_timeout_s: float = 120.0
+    max_runner_restarts: int = 100      # restarts of failed EnvRunners before they are dropped
+    restart_delay_s: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> PPOConfig:
+        """Raise ``ValueError`` naming the first out-of-range field and what is allowed."""
+        positive = ("lr", "train_batch_size", "minibatch_size", "num_epochs", "num_envs_per_runner", "sample_timeout_s")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("gamma", "lambda_"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        nonneg = ("clip", "vf_clip", "vf_loss_coeff", "entropy_coeff", "kl_coeff", "grad_clip", "num_env_runners",
+                  "num_cpus_per_runner", "rollout_fragment_length", "max_runner_restarts", "restart_delay_s")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.minibatch_size > self.train_batch_size:
+            raise ValueError(f"PPOConfig.minibatch_size ({self.minibatch_size}) must be <= train_batch_size "
+                             f"({self.train_batch_size})")
+        if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
+            raise ValueError(f"PPOConfig.hidden_sizes must be a non-empty list of positive ints, got {self.hidden_sizes!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"PPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EnvConfig:
+    """What every EnvRunner's environment is: a session on one of ``addresses`` (runner index mod count).
+
+    Each runner opens ``PPOConfig.num_envs_per_runner`` envs in one session of the corrected simulator
+    with the given fidelity, mode, horizon and reward weights (empty = the server's weights). If its
+    server is unreachable the runner tries the other addresses in order.
+    """
+
+    task: str = "pendulum"
+    addresses: list[str] = field(default_factory=list)
+    fidelity: float = 1.0
+    mode: str = "blend"
+    horizon: int = 0                    # imagination window; 0 = the server's default
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    world_model_version: str = ""       # "" = the server's current world model
+    streaming: bool = False             # bidirectional streaming Step instead of unary calls
+    timeout_s: float = 60.0             # per gRPC call
+    seed: int = 0                       # runner i seeds its session with seed + 1000 * i
+
+    def validate(self) -> EnvConfig:
+        if not self.addresses:
+            raise ValueError("EnvConfig.addresses must list at least one simulator server address (host:port)")
+        if not all(isinstance(a, str) and ":" in a for a in self.addresses):
+            raise ValueError(f"EnvConfig.addresses must be 'host:port' strings, got {list(self.addresses)!r}")
+        if not 0.0 <= self.fidelity <= 1.0:
+            raise ValueError(f"EnvConfig.fidelity must be in [0, 1], got {self.fidelity!r}")
+        if not self.mode:
+            raise ValueError("EnvConfig.mode must name a corrected-simulator mode, e.g. 'blend'")
+        if self.horizon < 0 or self.timeout_s <= 0:
+            raise ValueError(f"EnvConfig.horizon must be >= 0 and timeout_s > 0, got {self.horizon}, {self.timeout_s}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Tuned per task so that a user gets a learning policy without tuning (see tests/test_policies_learning.py).
+TASK_DEFAULTS: dict[str, dict] = {
+    "pendulum": dict(lr=1e-3, gamma=0.97, lambda_=0.95, entropy_coeff=0.0, train_batch_size=2048, minibatch_size=256,
+                     num_epochs=10, hidden_sizes=[64, 64], num_envs_per_runner=16),
+    "cartpole": dict(lr=5e-4, gamma=0.99, lambda_=0.95, entropy_coeff=0.001, train_batch_size=8000,
+                     minibatch_size=512, num_epochs=10, hidden_sizes=[64, 64], num_envs_per_runner=32),
+    "reacher": dict(lr=3e-4, gamma=0.98, lambda_=0.95, entropy_coeff=0.0, train_batch_size=8000, minibatch_size=512,
+                    num_epochs=10, hidden_sizes=[128, 128], num_envs_per_runner=32),
+}
+
+
+def ppo_config_for(task: str, **overrides) -> PPOConfig:
+    """``PPOConfig`` with the task's tuned defaults, then ``overrides``; unknown keys are an error."""
+    names = {f.name for f in fields(PPOConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown PPOConfig key(s) {sorted(unknown)}; allowed: {', '.join(sorted(names))}")
+    if task not in TASK_DEFAULTS:
+        raise ValueError(f"no PPO defaults for task {task!r}; tasks with defaults: {', '.join(TASK_DEFAULTS)}")
+    return PPOConfig(**{**TASK_DEFAULTS[task], **overrides}).validate()
