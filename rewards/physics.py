@@ -15,7 +15,9 @@ first one, the previous imagined state after that) the engine checks:
 Each component is in units of its tolerance (1.0 = at the tolerance); a transition's score is the
 largest component, a window's the mean over its transitions, and it violates physics when any
 transition scores above 1. The reward term is ``-tanh(window score)`` in (-1, 0].
-All B*H transitions go to the engine in one ``step_vectors`` call and one constraints call.
+All B*H transitions go to the engine in one ``step_vectors`` call and one constraints call; for
+a JAX engine the batch is padded to a power of two, so a varying number of closed windows costs
+a handful of compiles, not one per batch size.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from rewards.imagination import check_scale
 
 COMPONENTS: tuple[str, ...] = ("residual", "penetration", "joint_limit", "kinematic", "nonfinite")
 _HINGE, _SLIDE = 3, 2  # mujoco.mjtJoint values
+JIT_ENGINES = frozenset({"mjx", "brax"})  # engines whose batch is padded to a power of two (one compile per bucket)
+
+
+def _bucket(n: int) -> int:
+    return max(8, 1 << max(0, n - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,14 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
     safe_next = np.where(bad[:, None], placeholder, nxt)
     safe_a = np.where(bad[:, None], 0.0, a)
 
+    pad = _bucket(len(bad)) - len(bad) if getattr(engine, "name", "") in JIT_ENGINES else 0
+    if pad:  # a JAX engine compiles once per batch shape: round the batch up to a power of two
+        safe_prev, safe_next = (np.concatenate([x, np.repeat(placeholder[None], pad, 0)]) for x in (safe_prev, safe_next))
+        safe_a = np.concatenate([safe_a, np.zeros((pad, safe_a.shape[1]))])
     stepped = np.asarray(engine.step_vectors(safe_prev, safe_a), dtype=np.float64)
     constraints = engine.constraints(engine.from_vector(safe_next))
+    n = len(bad)
+    safe_prev, safe_next, stepped = safe_prev[:n], safe_next[:n], stepped[:n]
     hinges, joints = _joint_layout(engine, spec)
 
     with np.errstate(over="ignore", invalid="ignore"):
@@ -89,8 +102,8 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
 
     raw = {
         "residual": residual,
-        "penetration": np.asarray(constraints.penetration, dtype=np.float64),
-        "joint_limit": np.asarray(constraints.joint_limit_excess, dtype=np.float64),
+        "penetration": np.asarray(constraints.penetration, dtype=np.float64)[:n],
+        "joint_limit": np.asarray(constraints.joint_limit_excess, dtype=np.float64)[:n],
         "kinematic": kinematic,
     }
     comps = {k: raw[k] / getattr(tol, k) for k in raw}

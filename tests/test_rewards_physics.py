@@ -191,8 +191,8 @@ def test_tolerances_come_from_config(engines):
 class CountingEngine:
     """Wraps an engine and records the batch sizes of its calls."""
 
-    def __init__(self, engine):
-        self.engine, self.calls = engine, []
+    def __init__(self, engine, name="mujoco"):
+        self.engine, self.calls, self.name = engine, [], name
         self.spec, self.task, self.model = engine.spec, engine.task, engine.model
 
     def step_vectors(self, states, actions):
@@ -214,6 +214,19 @@ def test_one_engine_call_for_the_whole_batch(engines):
     rewards.physics_violation(engine, start, actions, imagined)
     n = imagined.shape[0] * imagined.shape[1]
     assert engine.calls == [("step_vectors", n), ("constraints", n)]
+
+
+def test_jit_engines_get_power_of_two_batches(engines):
+    """A JAX engine compiles per batch shape: the check pads B*H to a power of two (results unchanged)."""
+    start, actions, imagined = engine_windows(engines["cartpole"], n_envs=13, steps=10)
+    plain = rewards.physics_violation(engines["cartpole"], start, actions, imagined)
+    engine = CountingEngine(engines["cartpole"], name="mjx")
+    imagined[0, 1, 0] = 2.5
+    padded = rewards.physics_violation(engine, start, actions, imagined)
+    assert engine.calls == [("step_vectors", 256), ("constraints", 256)]    # 26 windows x 5 = 130 -> 256
+    assert padded.per_transition.shape == (26, 5)
+    assert "joint_limit" in padded.reasons(0)
+    np.testing.assert_allclose(padded.per_window[1:], plain.per_window[1:])
 
 
 def test_bad_shapes_are_errors(engines):
