@@ -237,6 +237,13 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("selection.max_episodes", cfg.selection.max_episodes, 0)
     if cfg.ray.num_cpus is not None:
         _check_range("ray.num_cpus", cfg.ray.num_cpus, 1)
+    if cfg.rewards.horizon != cfg.simulator.horizon:
+        raise ConfigError(f"config keys 'rewards.horizon' ({cfg.rewards.horizon}) and 'simulator.horizon' "
+                          f"({cfg.simulator.horizon}) differ; allowed: the same imagination window in both")
+    try:
+        cfg.ppo.validate()
+    except ValueError as exc:
+        raise ConfigError(f"invalid config section 'ppo': {exc}") from None
     if not cfg.tracking.experiment:
         raise ConfigError("config key 'tracking.experiment' is empty; allowed: a non-empty experiment name")
 

@@ -1,0 +1,110 @@
+"""The ``flywheel`` command: ``run``, ``sweep``, ``serve`` and ``report``.
+
+    flywheel run [key=value ...] [--run-dir DIR]           a new run (progress lines, a per-lap table at the end)
+    flywheel run --resume DIR [key=value ...] [--force]    continue a run after its last finished stage
+    flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N [--run-dir DIR]
+    flywheel serve [--port P --task T ...]                 a standalone simulator server (services.server)
+    flywheel report DIR                                    rebuild the report of a run or a sweep
+
+A bad override exits with status 2 and a message naming the key and what is allowed, before
+anything (run directory, tracking store, Ray) starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from flywheel.config import ConfigError, load_config
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flywheel", description="Physics-feedback RL self-play flywheel.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the laps (or resume a run)")
+    run.add_argument("overrides", nargs="*", help="config overrides, e.g. task=cartpole simulator.fidelity=0.5")
+    run.add_argument("--run-dir", help="run directory (default: <runs_root>/<time>-<task>-f<fidelity>-s<seed>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue this run after its last finished stage")
+    run.add_argument("--force", action="store_true", help="resume even if the config changed")
+    sweep = sub.add_parser("sweep", help="a grid of settings x seeds under one parent MLflow run")
+    sweep.add_argument("overrides", nargs="*")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="an axis of the grid (repeatable), e.g. simulator.fidelity=0,0.5,1")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per setting (seed, seed+1, ...)")
+    sweep.add_argument("--run-dir", help="sweep directory (an existing one is continued)")
+    serve = sub.add_parser("serve", help="a standalone simulator server", add_help=False)
+    serve.add_argument("args", nargs=argparse.REMAINDER)
+    report = sub.add_parser("report", help="rebuild the report of a finished run or sweep")
+    report.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "sweep":
+            from flywheel.sweep import parse_grid, run_sweep
+
+            run_sweep(args.overrides, parse_grid(args.grid), args.seeds, args.run_dir, say=_say)
+            return 0
+        if args.command == "serve":
+            from services.server import main as serve_main
+
+            return serve_main(args.args)
+        return _report(Path(args.run_dir))
+    except ConfigError as exc:
+        print(f"flywheel: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from flywheel.orchestrator import Orchestrator
+
+    if args.resume:
+        orch = Orchestrator.resume(args.resume, args.overrides, force=args.force, say=_say)
+    else:
+        if args.force:
+            raise ConfigError("--force only applies with --resume RUN_DIR")
+        orch = Orchestrator.create(load_config(args.overrides), args.run_dir, say=_say)
+    try:
+        orch.run()
+    finally:
+        _shutdown_ray()
+    return 0
+
+
+def _report(run_dir: Path) -> int:
+    from flywheel.report import format_table, load_history, write_run_report
+    from flywheel.sweep import write_sweep_report
+
+    if (run_dir / "sweep.json").exists():
+        files = write_sweep_report(run_dir, say=_say)
+    elif (run_dir / "state.json").exists():
+        files = write_run_report(run_dir)
+        _say(format_table(load_history(run_dir)))
+    else:
+        raise ConfigError(f"{run_dir} is neither a flywheel run nor a sweep directory")
+    for f in files:
+        _say(f"wrote {f}")
+    return 0
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Sweeps: one parent MLflow run, one child run per setting and seed, and the compounding report.
+
+    flywheel sweep laps=5 --grid simulator.fidelity=0,0.25,0.5,0.75,1 --seeds 3
+
+Settings are the cartesian product of the ``--grid`` axes. Children run one after another in this
+process (each a full ``Orchestrator`` run in ``<sweep_dir>/<setting>-seed<k>``; an existing child
+directory is resumed, so rerunning a sweep with ``--run-dir`` finishes it). Every setting is
+validated before the first child starts. The report is a table of capability per lap per setting
+(mean ± std over seeds) and a PNG, written to the sweep directory and logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flywheel.config import ConfigError, load_config
+from flywheel.orchestrator import Orchestrator
+from flywheel.report import format_sweep_table, load_history, plot_sweep, sweep_summary
+from flywheel.tracking import Tracker
+from simulators.dataset import atomic_write
+
+REPORT_METRICS = ("capability/success_rate", "world_model/open_loop_error", "capability/return")
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["simulator.fidelity=0,0.5"]`` -> ``{"simulator.fidelity": ["0", "0.5"]}``."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise ConfigError(f"--grid {item!r} must look like key=v1,v2,... (e.g. simulator.fidelity=0,0.5,1)")
+        grid[key.strip()] = vals
+    if not grid:
+        raise ConfigError("a sweep needs at least one --grid key=v1,v2,...")
+    return grid
+
+
+def settings(grid: dict[str, list[str]]) -> list[list[str]]:
+    return [[f"{k}={v}" for k, v in zip(grid, combo)] for combo in itertools.product(*grid.values())]
+
+
+def slug(setting: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(setting))
+
+
+def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, sweep_dir: str | Path | None = None,
+              say: Callable[[str], None] = print) -> Path:
+    """Run every (setting, seed) as a child run of one parent run; returns the sweep directory."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds is {seeds}; allowed: an integer >= 1")
+    base = load_config(overrides)
+    children = []
+    for setting in settings(grid):
+        for k in range(seeds):
+            child_overrides = [*overrides, *setting, f"seed={base.seed + k}"]
+            load_config(child_overrides)                       # every setting is valid before anything starts
+            children.append({"setting": " ".join(setting), "seed": base.seed + k, "overrides": child_overrides,
+                             "dir": f"{slug(setting)}-seed{base.seed + k}"})
+    sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"overrides": overrides, "grid": grid, "seeds": seeds, "children": children}
+    text = json.dumps(spec, indent=1).encode()
+    atomic_write(sweep_dir / "sweep.json", lambda f: f.write(text))
+    parent = Tracker.open(base, sweep_dir, run_name=sweep_dir.name, tags={"flywheel.sweep": json.dumps(grid)})
+    say(f"[sweep] {len(children)} runs in {sweep_dir}  tracking: {parent.uri}  parent mlflow run: {parent.run_id}")
+    try:
+        for i, child in enumerate(children):
+            say(f"[sweep] run {i + 1}/{len(children)}: {child['setting']} seed {child['seed']}")
+            run_dir = sweep_dir / child["dir"]
+            kw = {"say": say, "parent_run_id": parent.run_id, "run_name": f"{child['setting']} seed {child['seed']}"}
+            if (run_dir / "state.json").exists():
+                orch = Orchestrator.resume(run_dir, child["overrides"], **kw)
+            else:
+                orch = Orchestrator.create(load_config(child["overrides"]), run_dir, **kw)
+            orch.run()
+        files = write_sweep_report(sweep_dir, say)
+        for f in files:
+            parent.log_artifact(f, "report")
+        _log_summary(parent, sweep_dir)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish("FINISHED")
+    say(f"[sweep] done: {sweep_dir}  parent mlflow run: {parent.run_id}")
+    return sweep_dir
+
+
+def _children(sweep_dir: Path) -> list[dict]:
+    spec = json.loads((sweep_dir / "sweep.json").read_text())
+    return [{"setting": c["setting"], "seed": c["seed"], "rows": load_history(sweep_dir / c["dir"])}
+            for c in spec["children"]]
+
+
+def write_sweep_report(sweep_dir: str | Path, say: Callable[[str], None] = print) -> list[Path]:
+    """The compounding table (one row per setting) and plot of a sweep directory."""
+    sweep_dir = Path(sweep_dir)
+    runs = _children(sweep_dir)
+    summaries = {key: sweep_summary(runs, key) for key in REPORT_METRICS}
+    text = "\n\n".join(format_sweep_table(s, f"{key} per lap (mean±std over seeds)") for key, s in summaries.items())
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    (out / "sweep_table.txt").write_text(text + "\n")
+    png = plot_sweep({k: summaries[k] for k in REPORT_METRICS[:2]}, out / "compounding.png",
+                     title=f"{sweep_dir.name}: capability per lap per setting")
+    say(text)
+    return [out / "sweep_table.txt", png]
+
+
+def _log_summary(parent: Tracker, sweep_dir: Path) -> None:
+    """Per-setting mean capability per lap on the parent run (``sweep/<setting>/<metric>``, step = lap)."""
+    runs = _children(sweep_dir)
+    for key in REPORT_METRICS[:2]:
+        for s in sweep_summary(runs, key):
+            name = f"sweep/{slug([s['setting']])}/{key.split('/')[-1]}"
+            for lap, value in zip(s["laps"], s["mean"]):
+                parent.log_metrics({name: float(value)}, step=int(lap))
