@@ -1,0 +1,203 @@
+"""The learned world simulator: the world model's prediction corrected by a physics engine at fidelity f.
+
+Canonical loop (batched; every env auto-resets inside the step that ends its episode)::
+
+    sim = CorrectedSimulator(task, wm, engine="mujoco", fidelity=0.5, mode="blend", horizon=5, num_envs=64)
+    obs = sim.reset()                                  # [B, O]
+    while training:
+        r = sim.step(policy(obs))                      # StepResult
+        obs = r.observations                           # already reset where r.terminated | r.truncated
+        if r.window is not None:                       # envs that closed an H-step imagination window
+            grade(r.window.imagined[r.window.mask], r.window.actual[r.window.mask])
+
+Modes (``MODES``):
+
+- ``blend``: ``s' = WM(s, a) + f (E(s, a) - WM(s, a))``. f = 1 is the engine exactly (no WM call for
+  the correction), f = 0 is the WM alone (no engine call).
+- ``reground``: the WM runs open loop and every ``k`` steps of an episode the state is replaced by the
+  engine's step from the current state, with ``k = round(1 / f)`` (f = 1: every step, i.e. the engine;
+  f = 0.5: every 2nd step; f = 0.1: every 10th; f = 0: never, i.e. the WM alone). About a fraction f
+  of the steps is grounded.
+
+Torch (the WM) and the engine (MuJoCo C arrays or JAX) meet here through float64 numpy arrays.
+Episodes are truncated at ``task.episode_length``; they terminate early only if a corrected state
+turns non-finite (then ``terminated`` is True, the reward is 0, and the env is reset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulators.physics import PhysicsEngine, make_engine
+from simulators.tasks import Task, make_task
+
+MODES = ("blend", "reground")
+
+
+@dataclass
+class ImaginationWindow:
+    """H-step imagination windows closed at this step; rows are valid where ``mask`` is True."""
+
+    mask: np.ndarray        # [B] bool
+    start: np.ndarray       # [B, S] state at the window's start
+    actions: np.ndarray     # [B, H, A] actions executed in the window
+    imagined: np.ndarray    # [B, H, S] the WM's open-loop prediction from ``start`` under ``actions``
+    actual: np.ndarray      # [B, H, S] what the simulator produced
+
+
+@dataclass
+class StepResult:
+    """One batched step of the corrected simulator."""
+
+    states: np.ndarray              # [B, S] before the step
+    actions: np.ndarray             # [B, A] clipped to the bounds
+    next_states: np.ndarray         # [B, S] corrected, before auto-reset
+    observations: np.ndarray        # [B, O] after auto-reset
+    final_observations: np.ndarray  # [B, O] observation of next_states
+    task_reward: np.ndarray         # [B] float32
+    terminated: np.ndarray          # [B] bool (non-finite state)
+    truncated: np.ndarray           # [B] bool (time limit)
+    success: np.ndarray             # [B] bool episode success, valid where an episode ended
+    episode_ids: np.ndarray         # [B] int64 of the transition
+    steps: np.ndarray               # [B] int32 index of the transition within its episode
+    window: ImaginationWindow | None
+
+
+class CorrectedSimulator:
+    """Batched reset/step combining a world model with a physics engine at fidelity f."""
+
+    def __init__(self, task: str | Task, world_model, engine: str | PhysicsEngine, fidelity: float,
+                 mode: str = "blend", horizon: int = 5, seed: int = 0, num_envs: int = 16,
+                 episode_offset: int = 0, engine_params: dict | None = None):
+        self.task = make_task(task)
+        if mode not in MODES:
+            raise ValueError(f"unknown corrected-simulator mode {mode!r}; valid modes: {', '.join(MODES)}")
+        fidelity = float(fidelity)
+        if not (np.isfinite(fidelity) and 0.0 <= fidelity <= 1.0):
+            raise ValueError(f"fidelity must be in [0, 1], got {fidelity!r}")
+        if int(horizon) < 1 or int(num_envs) < 1:
+            raise ValueError(f"horizon and num_envs must be >= 1, got horizon={horizon}, num_envs={num_envs}")
+        self.engine = make_engine(engine, self.task, engine_params) if isinstance(engine, str) else engine
+        self.spec = self.engine.spec
+        self.fidelity, self.mode, self.horizon = fidelity, mode, int(horizon)
+        self.reground_every = 0 if fidelity == 0 else max(1, round(1.0 / fidelity))
+        self.num_envs, self.episode_offset = int(num_envs), int(episode_offset)
+        self._rng = np.random.default_rng(seed)
+        self.world_model = None
+        self.set_world_model(world_model)
+        self._states = None
+
+    def set_world_model(self, world_model) -> None:
+        """Swap the world model (e.g. a new version between laps); sizes and task must match the engine."""
+        diffs = [f"{name} {getattr(world_model, name)} vs engine {want}" for name, want in
+                 (("state_size", self.spec.state_size), ("action_size", self.spec.action_size))
+                 if getattr(world_model, name) != want]
+        if world_model.task.name != self.task.name:
+            diffs.append(f"task {world_model.task.name!r} vs {self.task.name!r}")
+        if diffs:
+            raise ValueError("world model does not fit this simulator: " + "; ".join(diffs))
+        self.world_model = world_model
+
+    # -- episodes ------------------------------------------------------------------------------
+    def reset(self) -> np.ndarray:
+        """Start a fresh episode in every env; returns observations ``[B, O]``."""
+        B, S, A, H = self.num_envs, self.spec.state_size, self.spec.action_size, self.horizon
+        self._states = self.task.initial_states(self._rng, B).astype(np.float64)
+        self._t = np.zeros(B, np.int32)
+        self._good_run = np.zeros(B, np.int32)
+        self._episode_ids = self.episode_offset + np.arange(B, dtype=np.int64)
+        self._next_id = self.episode_offset + B
+        self._win_k = np.zeros(B, np.int32)
+        self._win_start = self._states.copy()
+        self._imagined_state = self._states.copy()
+        self._win_actions = np.zeros((B, H, A))
+        self._win_imagined = np.zeros((B, H, S))
+        self._win_actual = np.zeros((B, H, S))
+        return self.task.observe(self._states)
+
+    @property
+    def states(self) -> np.ndarray:
+        return self._states
+
+    def _correct(self, s: np.ndarray, a: np.ndarray, wm_next: np.ndarray | None) -> np.ndarray:
+        """The corrected next state of every env."""
+        f = self.fidelity
+        if self.mode == "blend":
+            if f == 1.0:
+                return self.engine.step_vectors(s, a)
+            if f == 0.0:
+                return wm_next
+            return wm_next + f * (self.engine.step_vectors(s, a) - wm_next)
+        if f == 1.0:
+            return self.engine.step_vectors(s, a)
+        ground = (self._t + 1) % self.reground_every == 0 if self.reground_every else np.zeros(len(s), bool)
+        if not ground.any():
+            return wm_next
+        engine_next = self.engine.step_vectors(s, a)  # full batch: keeps JAX engines at one compiled shape
+        return np.where(ground[:, None], engine_next, wm_next)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Advance every env one step; finished envs are reset inside this step."""
+        if self._states is None:
+            raise RuntimeError("call reset() before step()")
+        B, H = self.num_envs, self.horizon
+        s = self._states
+        a = self.engine.check_actions(actions, B)
+        # One WM call for both the correction (from s) and the imagination (from the imagined state).
+        need_wm = self.fidelity < 1.0
+        rows = np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
+        pred = self.world_model.step(rows, np.concatenate([a, a]) if need_wm else a)
+        wm_next, imagined_next = (pred[:B], pred[B:]) if need_wm else (None, pred)
+        s1 = self._correct(s, a, wm_next)
+
+        terminated = ~np.isfinite(s1).all(axis=1)
+        safe = np.where(terminated[:, None], 0.0, s1)
+        steps = self._t.copy()
+        self._t += 1
+        truncated = (self._t >= self.task.episode_length) & ~terminated
+        reward = np.where(terminated, 0.0, self.task.reward(safe, a)).astype(np.float32)
+        good = np.asarray(self.task.is_good(safe)) & ~terminated
+        self._good_run = np.where(good, self._good_run + 1, 0).astype(np.int32)
+        success = self._good_run >= self.task.success_steps
+        episode_ids = self._episode_ids.copy()
+
+        # Imagination: record this step in each env's window, close the windows that reached H.
+        rows_b = np.arange(B)
+        k = self._win_k
+        self._win_actions[rows_b, k] = a
+        self._win_imagined[rows_b, k] = imagined_next
+        self._win_actual[rows_b, k] = s1
+        self._win_k = k + 1
+        closed = self._win_k >= H
+        window = None
+        if closed.any():
+            window = ImaginationWindow(closed, self._win_start.copy(), self._win_actions.copy(),
+                                       self._win_imagined.copy(), self._win_actual.copy())
+        self._imagined_state = np.where(closed[:, None], s1, imagined_next)
+        self._win_start = np.where(closed[:, None], s1, self._win_start)
+        self._win_k = np.where(closed, 0, self._win_k).astype(np.int32)
+
+        # Auto-reset of finished envs (windows restart with the new episode).
+        done = terminated | truncated
+        final_obs = self.task.observe(s1)
+        s_next = s1.copy()
+        if done.any():
+            n = int(done.sum())
+            fresh = self.task.initial_states(self._rng, n).astype(np.float64)
+            s_next[done] = fresh
+            self._t[done] = 0
+            self._good_run[done] = 0
+            self._episode_ids[done] = self._next_id + np.arange(n)
+            self._next_id += n
+            self._win_k[done] = 0
+            self._win_start[done] = fresh
+            self._imagined_state[done] = fresh
+        self._states = s_next
+        return StepResult(s, a, s1, self.task.observe(s_next), final_obs, reward, terminated, truncated,
+                          success & done, episode_ids, steps, window)
+
+    def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()

@@ -1,0 +1,58 @@
+"""A probabilistic ensemble MLP, vectorised over members (one batched matmul per layer, no member loop)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent linear layers applied as one ``baddbmm``: ``[E, B, in] -> [E, B, out]``."""
+
+    def __init__(self, members: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class GaussianEnsemble(nn.Module):
+    """``E`` MLPs each predicting a diagonal Gaussian (mean, log-std) over ``out_features``.
+
+    The log-std is soft-bounded between learned limits (as in PETS) so that NLL training cannot
+    drive it to -inf on points it fits well, nor to +inf on points it does not.
+    """
+
+    def __init__(self, members: int, in_features: int, out_features: int, hidden: int, layers: int):
+        super().__init__()
+        sizes = [in_features] + [hidden] * layers
+        self.hidden = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in itertools.pairwise(sizes))
+        self.head = EnsembleLinear(members, sizes[-1], 2 * out_features)
+        self.max_log_std = nn.Parameter(torch.full((1, 1, out_features), 0.5))
+        self.min_log_std = nn.Parameter(torch.full((1, 1, out_features), -5.0))
+        self.members, self.out_features = members, out_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``[E, B, in]`` (or ``[B, in]``, shared by all members) -> mean, log_std ``[E, B, out]``."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.members, -1, -1)
+        for layer in self.hidden:
+            x = nn.functional.silu(layer(x))
+        mean, log_std = self.head(x).chunk(2, dim=-1)
+        log_std = self.max_log_std - nn.functional.softplus(self.max_log_std - log_std)
+        log_std = self.min_log_std + nn.functional.softplus(log_std - self.min_log_std)
+        return mean, log_std
+
+    def nll(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Gaussian NLL (up to a constant) averaged over members, batch and dims, plus the log-std bound penalty."""
+        mean, log_std = self(x)
+        nll = (0.5 * ((target - mean) * torch.exp(-log_std)) ** 2 + log_std).mean()
+        return nll + 0.01 * (self.max_log_std.sum() - self.min_log_std.sum()) / self.out_features

@@ -1,0 +1,260 @@
+"""The world model: a probabilistic ensemble of p(s' | s, a) over a task's state vectors.
+
+Canonical use::
+
+    wm = WorldModel(task, spec.state_size, spec.action_size, WorldModelConfig())
+    metrics = wm.fit(dataset)                      # held-out split by episodes, early stopping
+    mean, std = wm.predict(states, actions)        # next state: ensemble mean, total std
+    s1 = wm.step(states, actions)                  # ensemble mean (numpy)
+    traj = wm.imagine(s0, actions)                 # [B, H, S] open loop
+    wm.save(path); wm = WorldModel.load(path)
+
+Inputs are the task's observation features of the state (``task.observe``: angles as cos/sin, so
+raw angles that wind past +-pi do not confuse the network; a task's observation must therefore be
+Markov) plus the action. Outputs are the mean and log-std of the *change* of the raw state vector,
+so predicted angles stay continuous with the input's. Inputs and outputs are normalised with
+statistics fitted on the first ``fit``'s training split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from simulators.dataset import TransitionDataset
+from simulators.tasks import Task, make_task
+from simulators.world_model.ensemble import GaussianEnsemble
+
+
+@dataclass
+class WorldModelConfig:
+    """Hyper-parameters of the ensemble and its training."""
+
+    ensemble_size: int = 5
+    hidden_size: int = 128
+    num_layers: int = 3
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 256
+    max_epochs: int = 50
+    patience: int = 5           # epochs without held-out improvement before stopping
+    holdout: float = 0.1        # fraction of episodes held out
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0        # torch CPU threads while fitting/predicting; 0 keeps torch's own setting
+
+    def __post_init__(self) -> None:
+        for name in ("ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"WorldModelConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.patience < 0:
+            raise ValueError(f"WorldModelConfig.patience must be >= 0, got {self.patience!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"WorldModelConfig.holdout must be in [0, 1), got {self.holdout!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"WorldModelConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorldModelConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown WorldModelConfig key(s) {sorted(unknown)}; allowed: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads (``n <= 0``: unchanged), restoring the setting after."""
+    if n <= 0 or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def new_version() -> str:
+    return f"wm-{uuid.uuid4().hex[:8]}"
+
+
+class WorldModel:
+    """Probabilistic ensemble world model; numpy in -> numpy out, torch in -> torch out."""
+
+    def __init__(self, task: str | Task, state_size: int, action_size: int, config: WorldModelConfig | None = None):
+        self.task = make_task(task)
+        self.config = config or WorldModelConfig()
+        self.state_size, self.action_size = int(state_size), int(action_size)
+        self.device = torch.device(self.config.device)
+        obs = self.task.observe(np.zeros((1, self.state_size)))
+        self.in_features = obs.shape[1] + self.action_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.net = GaussianEnsemble(self.config.ensemble_size, self.in_features, self.state_size,
+                                        self.config.hidden_size, self.config.num_layers).to(self.device)
+        z = {"device": self.device, "dtype": torch.float32}
+        self.norm = {"in_mean": torch.zeros(self.in_features, **z), "in_std": torch.ones(self.in_features, **z),
+                     "out_mean": torch.zeros(self.state_size, **z), "out_std": torch.ones(self.state_size, **z)}
+        self.state_scale = np.ones(self.state_size)
+        self.fitted = False
+        self.version = new_version()
+
+    # -- prediction ----------------------------------------------------------------------------
+    def _inputs(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.task.observe(states), actions], dim=1)
+        return (x - self.norm["in_mean"]) / self.norm["in_std"]
+
+    def _as_tensors(self, states, actions) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.as_tensor(states, dtype=torch.float32, device=self.device)
+        a = torch.as_tensor(actions, dtype=torch.float32, device=self.device)
+        if a.dim() == 1 and self.action_size == 1:
+            a = a[:, None]
+        if s.dim() != 2 or s.shape[1] != self.state_size:
+            raise ValueError(f"world model: states have shape {tuple(s.shape)}, expected (batch, {self.state_size})")
+        if a.shape != (s.shape[0], self.action_size):
+            raise ValueError(f"world model: actions have shape {tuple(a.shape)}, expected ({s.shape[0]}, {self.action_size})")
+        return s, a
+
+    @torch.no_grad()
+    def _members(self, states, actions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member state change: mean and std ``[E, B, S]`` in state units (float32)."""
+        s, a = self._as_tensors(states, actions)
+        with torch_threads(self.config.num_threads):
+            mean, log_std = self.net(self._inputs(s, a))
+        return mean * self.norm["out_std"] + self.norm["out_mean"], torch.exp(log_std) * self.norm["out_std"]
+
+    def predict(self, states, actions):
+        """Next-state mean (ensemble mean) and total std (aleatoric + epistemic), each ``[B, S]``."""
+        mu, sigma = self._members(states, actions)
+        delta = mu.mean(0)
+        std = torch.sqrt((sigma**2).mean(0) + mu.var(0, unbiased=False))
+        if isinstance(states, torch.Tensor):
+            return states + delta.to(states), std.to(states)
+        s = np.asarray(states, dtype=np.float64)
+        return s + delta.double().cpu().numpy(), std.double().cpu().numpy()
+
+    def step(self, states, actions) -> np.ndarray:
+        """Ensemble-mean next state ``[B, S]`` (float64 numpy)."""
+        delta = self._members(states, actions)[0].mean(0)
+        return np.asarray(states, dtype=np.float64) + delta.double().cpu().numpy()
+
+    def disagreement(self, states, actions) -> np.ndarray:
+        """Epistemic uncertainty: std of the members' predicted means ``[B, S]``."""
+        return self._members(states, actions)[0].std(0, unbiased=False).double().cpu().numpy()
+
+    def imagine(self, s0, actions) -> np.ndarray:
+        """Open-loop rollout of the ensemble mean from ``s0 [B, S]`` under ``actions [B, H, A]`` -> ``[B, H, S]``."""
+        s = np.asarray(s0, dtype=np.float64)
+        a = np.asarray(actions, dtype=np.float64)
+        if a.ndim != 3 or a.shape[0] != len(s) or a.shape[2] != self.action_size:
+            raise ValueError(f"imagine: actions have shape {a.shape}, expected ({len(s)}, H, {self.action_size})")
+        out = np.empty((len(s), a.shape[1], self.state_size))
+        for h in range(a.shape[1]):
+            s = self.step(s, a[:, h])
+            out[:, h] = s
+        return out
+
+    # -- training ------------------------------------------------------------------------------
+    def _fit_normalisers(self, data: TransitionDataset) -> None:
+        s = torch.as_tensor(data.states, dtype=torch.float32, device=self.device)
+        a = torch.as_tensor(data.actions, dtype=torch.float32, device=self.device)
+        x = torch.cat([self.task.observe(s), a], dim=1)
+        d = torch.as_tensor(data.next_states - data.states, dtype=torch.float32, device=self.device)
+        self.norm = {"in_mean": x.mean(0), "in_std": x.std(0).clamp_min(1e-6),
+                     "out_mean": d.mean(0), "out_std": d.std(0).clamp_min(1e-6)}
+        self.state_scale = np.maximum(np.asarray(data.states, dtype=np.float64).std(0), 1e-6)
+
+    def _tensors(self, data: TransitionDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        s, a = self._as_tensors(data.states, data.actions)
+        d = torch.as_tensor(data.next_states - data.states, dtype=torch.float32, device=self.device)
+        return self._inputs(s, a), (d - self.norm["out_mean"]) / self.norm["out_std"]
+
+    @torch.no_grad()
+    def _holdout_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        mean, _ = self.net(x)
+        return float(((mean.mean(0) - y) ** 2).mean())
+
+    def fit(self, dataset: TransitionDataset, reinit: bool = False) -> dict:
+        """Train on ``dataset`` (warm start after the first fit unless ``reinit``); returns metrics.
+
+        Episodes are split into train and held-out (``config.holdout``); each member sees its own
+        shuffle of the training set; training stops after ``patience`` epochs without held-out
+        improvement and the best weights are kept. Normalisers and ``state_scale`` are fitted on
+        the first call (or with ``reinit``) and kept afterwards, so errors stay comparable across laps.
+        """
+        with torch_threads(self.config.num_threads):
+            return self._fit(dataset, reinit)
+
+    def _fit(self, dataset: TransitionDataset, reinit: bool) -> dict:
+        cfg = self.config
+        if len(dataset) < 2:
+            raise ValueError(f"world model fit needs at least 2 transitions, got {len(dataset)}")
+        train, hold = dataset.split_episodes(cfg.holdout, seed=cfg.seed)
+        if not self.fitted or reinit:
+            self._fit_normalisers(train)
+        x, y = self._tensors(train)
+        hx, hy = self._tensors(hold) if len(hold) else (x, y)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        n, e, bs = len(x), cfg.ensemble_size, min(cfg.batch_size, len(x))
+        best, best_epoch, best_state = self._holdout_loss(hx, hy), 0, copy.deepcopy(self.net.state_dict())
+        start, epoch, train_nll = time.perf_counter(), 0, float("nan")
+        self.net.train()
+        for epoch in range(1, cfg.max_epochs + 1):
+            order = torch.argsort(torch.rand(e, n, generator=gen), dim=1).to(self.device)
+            total = 0.0
+            for i in range(0, n - bs + 1, bs):
+                idx = order[:, i:i + bs]
+                loss = self.net.nll(x[idx], y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+            train_nll = total / max(1, n // bs)
+            loss = self._holdout_loss(hx, hy)
+            if loss < best - 1e-6:
+                best, best_epoch, best_state = loss, epoch, copy.deepcopy(self.net.state_dict())
+            elif epoch - best_epoch > cfg.patience:
+                break
+        seconds = time.perf_counter() - start
+        self.net.load_state_dict(best_state)
+        self.net.eval()
+        self.fitted = True
+        self.version = new_version()
+        from simulators.world_model.evaluation import one_step_error
+
+        return {"epochs": epoch, "best_epoch": best_epoch, "train_nll": train_nll,
+                "holdout_mse": one_step_error(self, hold if len(hold) else train),
+                "n_train": len(train), "n_holdout": len(hold), "seconds": seconds,
+                "transitions_per_second": epoch * n / max(seconds, 1e-9), "version": self.version}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write weights, config, task, sizes, normalisers and version to one file, atomically."""
+        from simulators.world_model.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path)
+
+    @classmethod
+    def load(cls, path, task: str | Task | None = None, state_size: int | None = None,
+             action_size: int | None = None) -> WorldModel:
+        """Load a checkpoint; a task/size mismatch or a corrupt file raises ``ValueError`` saying what is wrong."""
+        from simulators.world_model.checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, path, task, state_size, action_size)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    def __repr__(self) -> str:
+        return (f"WorldModel(task={self.task.name!r}, state_size={self.state_size}, action_size={self.action_size}, "
+                f"members={self.config.ensemble_size}, version={self.version!r}, fitted={self.fitted})")
