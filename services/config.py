@@ -25,6 +25,7 @@ class ServerConfig:
     max_batch: int = 4096                           # largest num_envs / Imagine / Verify batch
     max_message_mb: int = 256                       # gRPC send and receive limit
     workers: int = 8                                # gRPC handler threads
+    torch_threads: int = 0                          # torch intra-op threads in the server; 0 = torch's default
     max_sessions: int = 64
     seed: int = 0                                   # seed of the untrained world model
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -39,7 +40,7 @@ class ServerConfig:
         for name in ("flush_every", "max_batch", "max_message_mb", "workers", "max_sessions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("lap", "episode_offset"):
+        for name in ("lap", "episode_offset", "torch_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.host:

@@ -189,6 +189,10 @@ class SimulatorServer:
 def serve(config: ServerConfig, world_model=None) -> SimulatorServer:
     """Start a server for ``config`` (port 0 picks a free one) and return it running."""
     config.validate()
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     service = SimulatorService(config, world_model)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
                          options=channel_options(config.max_message_mb))
@@ -281,6 +285,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--max-batch", type=int, default=4096)
     p.add_argument("--max-message-mb", type=int, default=256)
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--torch-threads", type=int, default=0, help="0 keeps torch's default")
     args = vars(p.parse_args(argv))
     params = {}
     for item in args.pop("param"):

@@ -108,3 +108,26 @@ def test_new_run_refuses_an_existing_run_dir_and_more_laps_resume(tmp_path, fake
     assert [r["lap"] for r in more.run()] == [0, 1]
     forced = Orchestrator.resume(tmp_path / "run", ["selection.require_success=false"], force=True)
     assert forced.cfg.selection.require_success is False
+
+
+def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
+    from flywheel.sweep import parse_grid, run_sweep
+
+    lines = []
+    sweep_dir = run_sweep([*TINY, "laps=2", f"runs_root={tmp_path}"], parse_grid(["simulator.fidelity=0,1"]), seeds=1,
+                          sweep_dir=tmp_path / "sweep", say=lines.append)
+    parent = Tracker.open(load_config([*TINY, f"runs_root={tmp_path}"]), sweep_dir)
+    client = parent.client
+    run = client.get_run(parent.run_id)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert sorted(c.data.params["simulator.fidelity"] for c in children) == ["0.0", "1.0"]
+    assert all(c.info.status == "FINISHED" for c in children) and run.info.status == "FINISHED"
+    table = (sweep_dir / "report" / "sweep_table.txt").read_text().split("\n\n")[0].splitlines()
+    assert [row.split()[0] for row in table[3:]] == ["simulator.fidelity=0", "simulator.fidelity=1"]
+    assert (sweep_dir / "report" / "compounding.png").stat().st_size > 1000
+    assert {a.path for a in client.list_artifacts(parent.run_id, "report")} == {
+        "report/sweep_table.txt", "report/compounding.png"}
+    assert [s for s, _ in parent.metric_history("sweep/simulator.fidelity_1/success_rate")] == [0, 1]
+    with pytest.raises(ConfigError, match="simulator.fidelity"):
+        run_sweep([*TINY, f"runs_root={tmp_path}"], parse_grid(["simulator.fidelity=0,3"]), 1, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -153,7 +153,7 @@ def fake_step(engine, n=6, horizon=5, closed=(1, 4), seed=0, selected_rows=False
     """A StepResult-like record whose closed windows hold the engine's own trajectories."""
     spec, task = engine.spec, engine.task
     rng = np.random.default_rng(seed)
-    start = engine.reset(seed, n)
+    start = engine.to_vector(engine.reset(seed, n))
     actions = rng.uniform(-1, 1, size=(n, horizon, spec.action_size))
     s, actual = start, []
     for h in range(horizon):

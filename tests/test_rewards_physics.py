@@ -55,7 +55,7 @@ def engine_windows(engine, n_envs=64, horizon=5, steps=100, seed=0, bang=False):
     """Windows ``(start, actions, next states)`` of the engine's own trajectories from random actions."""
     spec = engine.spec
     rng = np.random.default_rng(seed)
-    s = engine.reset(seed, n_envs)
+    s = engine.to_vector(engine.reset(seed, n_envs))
     states, acts = [s], []
     for _ in range(steps):
         a = rng.uniform(spec.action_low, spec.action_high, size=(n_envs, spec.action_size))

@@ -65,7 +65,7 @@ def test_checks_a_gymnasium_user_runs(setup, make):
     first = env.step(a)
     env.reset(seed=123)
     again = env.step(a)
-    strip = lambda out: (*out[:4], {k: v for k, v in out[4].items() if "episode_id" not in k})  # noqa: E731
+    strip = lambda out: (*out[:4], {k: v for k, v in out[4].items() if "episode_id" not in k})
     assert data_equivalence(strip(first), strip(again)), "step after reset(seed) must be deterministic"
     assert not set(first[4]["episode_id"]) & set(again[4]["episode_id"]), "episode ids are never reused"
     obs, reward, terminated, truncated, info = first
@@ -98,7 +98,7 @@ def test_remote_equals_local_and_autoresets_on_the_next_step(setup):
     steps = outs[0][1:]
     for t in range(T - 1):
         assert not steps[t][3].any()
-    obs_end, reward_end, _, truncated, info_end = steps[T - 1]
+    obs_end, _, _, truncated, info_end = steps[T - 1]
     assert truncated.all() and info_end["_success"].all()            # every episode ends at its length
     obs_reset, reward_reset, term_r, trunc_r, info_reset = steps[T]  # next step: the reset observation
     assert (reward_reset == 0).all() and not term_r.any() and not trunc_r.any()
@@ -118,6 +118,6 @@ def test_composes_with_gymnasium_wrappers_and_make_vec(setup):
     obs, infos = env.reset(seed=0)
     assert obs.shape == (2, 3) and infos == [{}, {}]
     for _ in range(T + 1):
-        obs, reward, terminated, truncated, infos = env.step(env.action_space.sample())
+        _obs, _reward, _terminated, _truncated, infos = env.step(env.action_space.sample())
     assert "episode" not in infos[0] and "reward/task" not in infos[0]  # the reset step carries no terms
     env.close()

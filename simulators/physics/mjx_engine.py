@@ -39,9 +39,6 @@ class MjxEngine(EngineBase):
 
         self.bare_step = jax.jit(jax.vmap(one_step))
         self._from_vector = jax.jit(jax.vmap(one_from_vector))
-        self._step_vectors = jax.jit(
-            lambda v, u: (lambda d: jnp.concatenate([d.qpos, d.qvel], axis=1))(jax.vmap(one_step)(jax.vmap(one_from_vector)(v), u))
-        )
 
     def reset(self, key: Any, n: int):
         return self.from_vector(self.initial_vectors(key, n))
@@ -55,9 +52,3 @@ class MjxEngine(EngineBase):
 
     def from_vector(self, vec: np.ndarray):
         return self._from_vector(jnp.asarray(self.check_vectors(vec), dtype=jnp.float32))
-
-    def step_vectors(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        s = self.check_vectors(states)
-        a = self.check_actions(actions, len(s))
-        out = self._step_vectors(jnp.asarray(s, dtype=jnp.float32), jnp.asarray(a, dtype=jnp.float32))
-        return np.asarray(out, dtype=np.float64)

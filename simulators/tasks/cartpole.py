@@ -11,6 +11,7 @@ from simulators.tasks.base import Task, tolerance, wrap_angle, xp_of
 
 XML = """
 <mujoco model="cartpole">
+  <compiler angle="radian"/>
   <option timestep="0.01"/>
   <worldbody>
     <geom name="floor" type="plane" pos="0 0 0" size="3 1 0.1"/>

@@ -11,6 +11,7 @@ from simulators.tasks.base import Task, tolerance, wrap_angle, xp_of
 
 XML = """
 <mujoco model="pendulum">
+  <compiler angle="radian"/>
   <option timestep="0.01"/>
   <worldbody>
     <geom name="floor" type="plane" pos="0 0 -0.6" size="2 2 0.1"/>

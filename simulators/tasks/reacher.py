@@ -1,6 +1,6 @@
 """Reacher: a two-link planar arm brings its fingertip to a random target.
 
-The target is part of the state (two massless-in-effect slide joints), so a state vector
+The target is part of the state (two stacked slide joints that no force moves), so a state vector
 fully describes an episode and the world model sees the goal.
 """
 
@@ -15,6 +15,7 @@ from simulators.tasks.base import Task, tolerance, xp_of
 
 XML = """
 <mujoco model="reacher">
+  <compiler angle="radian"/>
   <option timestep="0.02" gravity="0 0 0"/>
   <worldbody>
     <geom name="ground" type="plane" pos="0 0 0" size="0.4 0.4 0.1" contype="0" conaffinity="0"/>
@@ -22,17 +23,18 @@ XML = """
       <joint name="shoulder" type="hinge" axis="0 0 1" damping="0.01"/>
       <geom name="upper" type="capsule" fromto="0 0 0 0.12 0 0" size="0.01" mass="0.1" contype="0" conaffinity="0"/>
       <body name="hand" pos="0.12 0 0">
-        <joint name="wrist" type="hinge" axis="0 0 1" limited="true" range="-2.8 2.8" damping="0.01"/>
+        <joint name="wrist" type="hinge" axis="0 0 1" damping="0.01"/>
         <geom name="lower" type="capsule" fromto="0 0 0 0.1 0 0" size="0.01" mass="0.1" contype="0" conaffinity="0"/>
-        <body name="finger" pos="0.11 0 0">
-          <geom name="fingertip" type="sphere" size="0.01" mass="0.01" contype="0" conaffinity="0"/>
-        </body>
+        <geom name="fingertip" type="sphere" pos="0.11 0 0" size="0.01" mass="0.01" contype="0" conaffinity="0"/>
       </body>
     </body>
-    <body name="target" pos="0 0 0.02">
+    <body name="target_rail" pos="0 0 0.02">
       <joint name="target_x" type="slide" axis="1 0 0" damping="0"/>
-      <joint name="target_y" type="slide" axis="0 1 0" damping="0"/>
-      <geom name="target" type="sphere" size="0.05" mass="0.01" contype="0" conaffinity="0"/>
+      <geom name="target_rail" type="sphere" size="0.005" mass="0.01" contype="0" conaffinity="0"/>
+      <body name="target" pos="0 0 0">
+        <joint name="target_y" type="slide" axis="0 1 0" damping="0"/>
+        <geom name="target" type="sphere" size="0.05" mass="0.01" contype="0" conaffinity="0"/>
+      </body>
     </body>
   </worldbody>
   <actuator>
