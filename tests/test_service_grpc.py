@@ -7,7 +7,6 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from simulators.corrected import CorrectedSimulator
 
 from rewards import RewardConfig, grade_step
 from services.client import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SimulatorClient
@@ -16,6 +15,7 @@ from services.config import ServerConfig
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.server import SERVICE_NAME, ServerProcess
 from simulators import make_engine, make_task
+from simulators.corrected import CorrectedSimulator
 from simulators.dataset import TransitionDataset
 from simulators.world_model import WorldModel, WorldModelConfig
 
