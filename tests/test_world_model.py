@@ -1,0 +1,152 @@
+"""World model: learning on pendulum reality data, predictions, save/load and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simulators import Reality, WorldModel, WorldModelConfig
+from simulators.world_model import normalised_mse, one_step_error, open_loop_error
+
+SMALL = {"hidden_size": 64, "num_layers": 2, "batch_size": 512, "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def reality():
+    return Reality("pendulum", engine="mujoco")
+
+
+@pytest.fixture(scope="module")
+def pendulum_data(reality):
+    train = reality.collect(None, 50_000, n_envs=100, seed=0)        # 500 episodes of random actions
+    test = reality.collect(None, 5_000, n_envs=50, seed=99, lap=1)   # independent held-out episodes
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def trained(pendulum_data):
+    train, _ = pendulum_data
+    wm = WorldModel("pendulum", 2, 1, WorldModelConfig(max_epochs=6, **SMALL))
+    metrics = wm.fit(train)
+    return wm, metrics
+
+
+def test_beats_still_and_constant_velocity_baselines_by_10x(trained, pendulum_data, reality):
+    wm, metrics = trained
+    _, test = pendulum_data
+    err = one_step_error(wm, test)
+    still = normalised_mse(test.states, test.next_states, wm.state_scale)
+    const_vel = test.states.astype(np.float64).copy()
+    const_vel[:, 0] += const_vel[:, 1] * reality.spec.control_dt
+    cv = normalised_mse(const_vel, test.next_states, wm.state_scale)
+    open_loop = open_loop_error(wm, test, horizon=10)
+    print(f"\none-step normalised MSE: wm {err:.3g}, still {still:.3g} ({still / err:.0f}x), "
+          f"constant velocity {cv:.3g} ({cv / err:.0f}x); 10-step open loop {open_loop['open_loop_mse']:.3g} "
+          f"(final step {open_loop['final_mse']:.3g}); fit {metrics}")
+    assert still / err >= 10 and cv / err >= 10
+    assert np.isfinite(open_loop["open_loop_mse"]) and open_loop["windows"] > 0
+    assert open_loop["per_step"][-1] > open_loop["per_step"][0]   # open-loop error compounds
+    assert metrics["n_train"] + metrics["n_holdout"] == len(pendulum_data[0])
+    assert metrics["transitions_per_second"] > 0 and metrics["version"] == wm.version
+
+
+def test_more_data_gives_lower_held_out_error(trained, pendulum_data):
+    """Same number of gradient updates; 1/25 of the data generalises worse."""
+    wm, _ = trained
+    train, test = pendulum_data
+    few = train.select(train.episode_ids < 20)
+    small = WorldModel("pendulum", 2, 1, WorldModelConfig(max_epochs=6 * 25, patience=1000, **SMALL))
+    small.fit(few)
+    small.state_scale = wm.state_scale  # compare in the same units
+    print(f"\nheld-out one-step MSE: {len(few)} transitions {one_step_error(small, test):.3g}, "
+          f"{len(train)} transitions {one_step_error(wm, test):.3g}")
+    assert one_step_error(wm, test) < one_step_error(small, test)
+
+
+def test_predict_step_imagine_disagreement(trained, pendulum_data):
+    wm, _ = trained
+    s, a = pendulum_data[1].states[:32].astype(np.float64), pendulum_data[1].actions[:32]
+    mean, std = wm.predict(s, a)
+    assert mean.shape == std.shape == (32, 2) and (std > 0).all()
+    np.testing.assert_allclose(wm.step(s, a), mean)
+    tmean, _ = wm.predict(torch.as_tensor(s), torch.as_tensor(a))
+    assert isinstance(tmean, torch.Tensor) and np.allclose(tmean.numpy(), mean, atol=1e-6)
+    dis = wm.disagreement(s, a)
+    assert dis.shape == (32, 2) and (dis > 0).all() and (dis <= std + 1e-9).all()
+    acts = np.random.default_rng(0).uniform(-1, 1, (32, 4, 1))
+    traj = wm.imagine(s, acts)
+    expected = s
+    for h in range(4):
+        expected = wm.step(expected, acts[:, h])
+        np.testing.assert_allclose(traj[:, h], expected)
+    assert wm.state_scale.shape == (2,) and (wm.state_scale > 0).all()
+
+
+def test_bad_inputs_raise():
+    wm = WorldModel("pendulum", 2, 1, WorldModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="states have shape"):
+        wm.step(np.zeros((3, 3)), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="actions have shape"):
+        wm.step(np.zeros((3, 2)), np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="imagine"):
+        wm.imagine(np.zeros((3, 2)), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="ensemble_size"):
+        WorldModelConfig(ensemble_size=0)
+    with pytest.raises(ValueError, match="holdout"):
+        WorldModelConfig(holdout=1.5)
+    with pytest.raises(ValueError, match="unknown WorldModelConfig"):
+        WorldModelConfig.from_dict({"hidden": 3})
+
+
+def test_save_load_round_trip(tmp_path, trained, pendulum_data):
+    wm, _ = trained
+    path = tmp_path / "wm.pt"
+    wm.save(path)
+    back = WorldModel.load(path)
+    s, a = pendulum_data[1].states[:64], pendulum_data[1].actions[:64]
+    for x, y in zip(wm.predict(s, a), back.predict(s, a), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert back.version == wm.version and back.config == wm.config and back.fitted
+    np.testing.assert_array_equal(back.state_scale, wm.state_scale)
+    assert WorldModel.load(path, task="pendulum", state_size=2, action_size=1).version == wm.version
+
+
+def test_mismatched_checkpoint_says_what_differs(tmp_path):
+    path = tmp_path / "wm.pt"
+    WorldModel("pendulum", 2, 1, WorldModelConfig(**SMALL)).save(path)
+    with pytest.raises(ValueError, match=r"task 'pendulum' in the checkpoint vs 'cartpole' requested"):
+        WorldModel.load(path, task="cartpole")
+    with pytest.raises(ValueError, match=r"state_size 2 in the checkpoint vs 4 requested"):
+        WorldModel.load(path, state_size=4)
+    with pytest.raises(ValueError, match=r"action_size 1 in the checkpoint vs 2 requested"):
+        WorldModel.load(path, task="pendulum", action_size=2)
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    path = tmp_path / "wm.pt"
+    WorldModel("pendulum", 2, 1, WorldModelConfig(**SMALL)).save(path)
+    raw = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        WorldModel.load(tmp_path / "truncated.pt")
+    flipped = bytearray(raw)
+    flipped[len(raw) - 100] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        WorldModel.load(tmp_path / "flipped.pt")
+    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a world-model checkpoint"):
+        WorldModel.load(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="cannot read"):
+        WorldModel.load(tmp_path / "missing.pt")
+
+
+def test_fit_on_cartpole_and_reacher_runs():
+    for task in ("cartpole", "reacher"):
+        r = Reality(task, engine="mujoco")
+        data = r.collect(None, 2 * r.task.episode_length * 5, n_envs=10, seed=1)
+        wm = WorldModel(task, r.spec.state_size, r.spec.action_size, WorldModelConfig(max_epochs=2, **SMALL))
+        m = wm.fit(data)
+        assert np.isfinite(m["holdout_mse"]) and m["n_holdout"] > 0
+        assert wm.step(data.states[:5], data.actions[:5]).shape == (5, r.spec.state_size)
