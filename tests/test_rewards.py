@@ -208,3 +208,33 @@ def test_importing_rewards_does_not_import_jax():
     code = "import sys, rewards; rewards.RewardConfig(); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_grade_step_on_the_corrected_simulator(cartpole):
+    """Windows close every H steps; grades there equal the grading functions applied to the window."""
+    from simulators.corrected import CorrectedSimulator
+    from simulators.world_model import WorldModel, WorldModelConfig
+
+    wm = WorldModel("cartpole", 4, 1, WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1))
+    sim = CorrectedSimulator("cartpole", wm, cartpole, 1.0, horizon=5, seed=0, num_envs=8)
+    cfg, scale = RewardConfig(), np.array([1.0, 2.0, 1.0, 3.0])
+    rng = np.random.default_rng(0)
+    sim.reset()
+    for t in range(10):
+        r = sim.step(rng.uniform(-1, 1, size=(8, 1)))
+        g = rewards.grade_step(r, cartpole, scale, cfg)
+        np.testing.assert_allclose(g["task"], r.task_reward)       # no episode ends in 10 steps
+        if (t + 1) % 5:
+            assert r.window is None or not np.asarray(r.window.mask).any()
+            np.testing.assert_array_equal(g["imagination"], 0.0)
+            np.testing.assert_array_equal(g["physics"], 0.0)
+            continue
+        w = r.window
+        assert np.asarray(w.mask).all()
+        acc = rewards.imagination_accuracy(w.imagined, w.actual, scale, cfg.accuracy_sharpness)
+        rep = rewards.physics_violation(cartpole, w.start, w.actions, w.imagined, cfg, scale=scale)
+        np.testing.assert_allclose(g["imagination"], acc)
+        np.testing.assert_allclose(g["physics"], rep.reward)
+        assert (acc < 1).all() and (rep.reward < 0).all()            # an untrained model's imagination
+        real = rewards.physics_violation(cartpole, w.start, w.actions, w.actual, cfg, scale=scale)
+        assert not real.violates.any() and real.per_window.max() < 0.1   # fidelity 1: what happened is physics
