@@ -27,17 +27,20 @@ import sys
 import time
 from dataclasses import asdict
 
-import gymnasium as gym
-import numpy as np
-import ray
-from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
-from ray.rllib.callbacks.callbacks import RLlibCallback
-from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-from ray.tune.registry import register_env
+# RLlib imports JAX (via flax) at import time unless told not to; policy workers are torch-only.
+os.environ.setdefault("RLLIB_TEST_NO_JAX_IMPORT", "1")
 
-from policies.config import EnvConfig, PPOConfig
-from policies.torch_policy import TorchPolicy
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig  # noqa: E402
+from ray.rllib.callbacks.callbacks import RLlibCallback  # noqa: E402
+from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner  # noqa: E402
+from ray.tune.registry import register_env  # noqa: E402
+
+from policies.config import EnvConfig, PPOConfig  # noqa: E402
+from policies.torch_policy import TorchPolicy  # noqa: E402
 
 ENV_NAME = "flywheel-served-simulator"
 TERMS = ("task", "imagination", "physics", "total")
@@ -78,8 +81,10 @@ class FlywheelEnvRunner(SingleAgentEnvRunner):
 def runner_probe(runner) -> dict:
     """Process facts of an EnvRunner: pid, index and which JAX/MJX/Brax modules it has imported."""
     loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
+    env = getattr(runner, "env", None)
+    client = getattr(env.unwrapped, "client", None) if env is not None else None
     return {"pid": os.getpid(), "worker_index": int(runner.worker_index), "heavy_modules": loaded,
-            "has_env": getattr(runner, "env", None) is not None}
+            "address": getattr(client, "address", None)}
 
 
 class ServedRewardMetrics(RLlibCallback):
@@ -129,7 +134,14 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Start a local Ray (no dashboard) unless one is already up (the orchestrator's, or a cluster's)."""
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"RLLIB_TEST_NO_JAX_IMPORT": "1", "PYTHONPATH": _worker_pythonpath()}})
+
+
+def _worker_pythonpath() -> str:
+    """The project root first, so workers import the same packages as the driver."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
 
 
 class PolicyTrainer:

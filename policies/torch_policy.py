@@ -31,7 +31,7 @@ class TorchPolicy(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-        low, high = np.asarray(action_low, np.float32).ravel(), np.asarray(action_high, np.float32).ravel()
+        low, high = np.array(action_low, np.float32).ravel(), np.array(action_high, np.float32).ravel()
         if low.shape != high.shape or not (low < high).all():
             raise ValueError(f"action bounds must be same-shaped with low < high, got {low} and {high}")
         self.observation_size, self.action_size = int(observation_size), len(low)
