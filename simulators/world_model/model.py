@@ -124,13 +124,14 @@ class WorldModel:
             raise ValueError(f"world model: actions have shape {tuple(a.shape)}, expected ({s.shape[0]}, {self.action_size})")
         return s, a
 
-    @torch.no_grad()
-    def _members(self, states, actions) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.inference_mode()
+    def _members(self, states, actions, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-member state change: mean and std ``[E, B, S]`` in state units (float32)."""
         s, a = self._as_tensors(states, actions)
         with torch_threads(self.config.num_threads):
             mean, log_std = self.net(self._inputs(s, a))
-        return mean * self.norm["out_std"] + self.norm["out_mean"], torch.exp(log_std) * self.norm["out_std"]
+            mean = mean * self.norm["out_std"] + self.norm["out_mean"]
+            return mean, (torch.exp(log_std) * self.norm["out_std"] if with_std else None)
 
     def predict(self, states, actions):
         """Next-state mean (ensemble mean) and total std (aleatoric + epistemic), each ``[B, S]``."""
@@ -144,12 +145,12 @@ class WorldModel:
 
     def step(self, states, actions) -> np.ndarray:
         """Ensemble-mean next state ``[B, S]`` (float64 numpy)."""
-        delta = self._members(states, actions)[0].mean(0)
+        delta = self._members(states, actions, with_std=False)[0].mean(0)
         return np.asarray(states, dtype=np.float64) + delta.double().cpu().numpy()
 
     def disagreement(self, states, actions) -> np.ndarray:
         """Epistemic uncertainty: std of the members' predicted means ``[B, S]``."""
-        return self._members(states, actions)[0].std(0, unbiased=False).double().cpu().numpy()
+        return self._members(states, actions, with_std=False)[0].std(0, unbiased=False).double().cpu().numpy()
 
     def imagine(self, s0, actions) -> np.ndarray:
         """Open-loop rollout of the ensemble mean from ``s0 [B, S]`` under ``actions [B, H, A]`` -> ``[B, H, S]``."""
