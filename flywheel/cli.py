@@ -3,6 +3,7 @@
     flywheel run [key=value ...] [--run-dir DIR]           a new run (progress lines, a per-lap table at the end)
     flywheel run --resume DIR [key=value ...] [--force]    continue a run after its last finished stage
     flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N [--run-dir DIR]
+    flywheel sweep --spec configs/sweep/fidelity.yaml [key=value ...]
     flywheel serve [--port P --task T ...]                 a standalone simulator server (services.server)
     flywheel report DIR                                    rebuild the report of a run or a sweep
 
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="an axis of the grid (repeatable), e.g. simulator.fidelity=0,0.5,1")
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per setting (seed, seed+1, ...)")
     sweep.add_argument("--run-dir", help="sweep directory (an existing one is continued)")
+    sweep.add_argument("--spec", help="a YAML with overrides, grid and seeds (e.g. configs/sweep/fidelity.yaml)")
     serve = sub.add_parser("serve", help="a standalone simulator server", add_help=False)
     serve.add_argument("args", nargs=argparse.REMAINDER)
     report = sub.add_parser("report", help="rebuild the report of a finished run or sweep")
@@ -52,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "sweep":
-            from flywheel.sweep import parse_grid, run_sweep
+            from flywheel.sweep import load_spec, parse_grid, run_sweep
 
-            run_sweep(args.overrides, parse_grid(args.grid), args.seeds, args.run_dir, say=_say)
+            overrides, grid, seeds = list(args.overrides), parse_grid(args.grid) if args.grid else {}, args.seeds
+            if args.spec:
+                spec_overrides, spec_grid, seeds = load_spec(args.spec)
+                overrides, grid = [*spec_overrides, *overrides], {**spec_grid, **grid}
+            run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say)
             return 0
         if args.command == "serve":
             from services.server import main as serve_main

@@ -41,6 +41,18 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
+def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int]:
+    """A sweep file: ``overrides`` (list), ``grid`` (key -> list of values) and ``seeds``."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    unknown = set(data) - {"overrides", "grid", "seeds"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep file {path}; allowed: overrides, grid, seeds")
+    grid = {str(k): [str(v) for v in vals] for k, vals in (data.get("grid") or {}).items()}
+    return [str(o) for o in data.get("overrides") or []], grid, int(data.get("seeds", 1))
+
+
 def settings(grid: dict[str, list[str]]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(grid, combo)] for combo in itertools.product(*grid.values())]
 

@@ -81,6 +81,12 @@ class Tracker:
         atomic_write(saved, lambda f: f.write(text))
         return tracker
 
+    @classmethod
+    def attach(cls, run_dir: str | Path) -> Tracker:
+        """A handle on the run recorded in ``run_dir`` without reopening it (for reading)."""
+        info = json.loads((Path(run_dir) / RUN_FILE).read_text())
+        return cls(info["uri"], info["experiment"], info["run_id"])
+
     # -- logging -------------------------------------------------------------------------------
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

@@ -85,7 +85,7 @@ def test_failed_stage_marks_run_failed_and_resume_finishes_it_once(tmp_path, fak
     assert resumed.tracker.client.get_run(run_id).info.status == "FINISHED"
     assert fakes["self_play"] == 3 and fakes["evaluate"] == 1 + 1 + 2   # lap 1's self-play was not redone
     assert [r["lap"] for r in rows] == [0, 1, 2]
-    tracker = Tracker.open(resumed.cfg, run_dir)
+    tracker = Tracker.attach(run_dir)
     for key in ("capability/success_rate", "data/selected_trajectories", "data/total_transitions", "lap/seconds",
                 "reward/imagination", "time/self_play", "time/retrain"):
         assert [s for s, _ in tracker.metric_history(key)] == [0, 1, 2], key
@@ -116,7 +116,7 @@ def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
     lines = []
     sweep_dir = run_sweep([*TINY, "laps=2", f"runs_root={tmp_path}"], parse_grid(["simulator.fidelity=0,1"]), seeds=1,
                           sweep_dir=tmp_path / "sweep", say=lines.append)
-    parent = Tracker.open(load_config([*TINY, f"runs_root={tmp_path}"]), sweep_dir)
+    parent = Tracker.attach(sweep_dir)
     client = parent.client
     run = client.get_run(parent.run_id)
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
