@@ -91,3 +91,12 @@ def test_a_balancing_policy_succeeds_in_reality(reality):
     ep = reality.rollout(pd, n_envs=64, seed=2)
     started_up = np.abs(ep.states[:, 0, 0]) < 0.3
     assert started_up.any() and ep.success[started_up].all()
+
+
+def test_import_simulators_loads_neither_torch_nor_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys, simulators; simulators.Reality; "
+            "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
