@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 ACTIVATIONS = ("tanh", "relu", "silu", "elu")
+LOCAL = "local"  # the address of an in-process simulator (no server)
 
 
 @dataclass
@@ -88,12 +89,14 @@ class EnvConfig:
     streaming: bool = False             # bidirectional streaming Step instead of unary calls
     timeout_s: float = 60.0             # per gRPC call
     seed: int = 0                       # runner i seeds its session with seed + 1000 * i
+    local_engine: str = "mujoco"        # physics of the in-process simulator when addresses == ["local"]
 
     def validate(self) -> EnvConfig:
         if not self.addresses:
             raise ValueError("EnvConfig.addresses must list at least one simulator server address (host:port)")
-        if not all(isinstance(a, str) and ":" in a for a in self.addresses):
-            raise ValueError(f"EnvConfig.addresses must be 'host:port' strings, got {list(self.addresses)!r}")
+        if list(self.addresses) != [LOCAL] and not all(isinstance(a, str) and ":" in a for a in self.addresses):
+            raise ValueError(f"EnvConfig.addresses must be 'host:port' strings (or just ['{LOCAL}'] for an "
+                             f"in-process simulator), got {list(self.addresses)!r}")
         if not 0.0 <= self.fidelity <= 1.0:
             raise ValueError(f"EnvConfig.fidelity must be in [0, 1], got {self.fidelity!r}")
         if not self.mode:
@@ -108,12 +111,12 @@ class EnvConfig:
 
 # Tuned per task so that a user gets a learning policy without tuning (see tests/test_policies_learning.py).
 TASK_DEFAULTS: dict[str, dict] = {
-    "pendulum": dict(lr=1e-3, gamma=0.97, lambda_=0.95, entropy_coeff=0.0, train_batch_size=2048, minibatch_size=256,
-                     num_epochs=10, hidden_sizes=[64, 64], num_envs_per_runner=16),
-    "cartpole": dict(lr=5e-4, gamma=0.99, lambda_=0.95, entropy_coeff=0.001, train_batch_size=8000,
-                     minibatch_size=512, num_epochs=10, hidden_sizes=[64, 64], num_envs_per_runner=32),
-    "reacher": dict(lr=3e-4, gamma=0.98, lambda_=0.95, entropy_coeff=0.0, train_batch_size=8000, minibatch_size=512,
-                    num_epochs=10, hidden_sizes=[128, 128], num_envs_per_runner=32),
+    "pendulum": {"lr": 1e-3, "gamma": 0.97, "lambda_": 0.95, "entropy_coeff": 0.0, "train_batch_size": 2048, "minibatch_size": 256,
+                     "num_epochs": 10, "hidden_sizes": [64, 64], "num_envs_per_runner": 16},
+    "cartpole": {"lr": 5e-4, "gamma": 0.99, "lambda_": 0.95, "entropy_coeff": 0.001, "train_batch_size": 8000,
+                     "minibatch_size": 512, "num_epochs": 10, "hidden_sizes": [64, 64], "num_envs_per_runner": 32},
+    "reacher": {"lr": 3e-4, "gamma": 0.98, "lambda_": 0.95, "entropy_coeff": 0.0, "train_batch_size": 8000, "minibatch_size": 512,
+                    "num_epochs": 10, "hidden_sizes": [128, 128], "num_envs_per_runner": 32},
 }
 
 

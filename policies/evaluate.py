@@ -37,5 +37,5 @@ def evaluate(policy: Callable[[np.ndarray], np.ndarray] | None, reality, episode
         "return_mean": float(r.mean()),
         "return_std": float(r.std()),
         "episode_length": float(n_steps.mean()),
-        "episodes": int(len(r)),
+        "episodes": len(r),
     }

@@ -10,7 +10,8 @@ Canonical loop (what a lap's "improve the policy" phase does)::
     trainer.stop()
 
 Each remote EnvRunner ``i`` (1-based) opens a ``services.RemoteVectorEnv`` session on
-``addresses[(i - 1) % len(addresses)]`` (falling back to the others if that server is unreachable).
+``addresses[(i - 1) % len(addresses)]`` (falling back to the others if that server is unreachable);
+``addresses=["local"]`` steps an in-process ``services.local_env.LocalVectorEnv`` instead (no gRPC).
 The reward PPO optimises is the service's combined reward; its terms and the success flags arrive
 in the step infos and are logged as ``reward/<term>`` and ``success_rate``. A runner whose process
 dies (or whose server goes away) is restarted by RLlib and training continues. Runners import
@@ -30,17 +31,19 @@ from dataclasses import asdict
 # RLlib imports JAX (via flax) at import time unless told not to; policy workers are torch-only.
 os.environ.setdefault("RLLIB_TEST_NO_JAX_IMPORT", "1")
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig  # noqa: E402
-from ray.rllib.callbacks.callbacks import RLlibCallback  # noqa: E402
-from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner  # noqa: E402
-from ray.tune.registry import register_env  # noqa: E402
+from typing import Self
 
-from policies.config import EnvConfig, PPOConfig  # noqa: E402
-from policies.torch_policy import TorchPolicy  # noqa: E402
+import gymnasium as gym
+import numpy as np
+import ray
+from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.tune.registry import register_env
+
+from policies.config import LOCAL, EnvConfig, PPOConfig
+from policies.torch_policy import TorchPolicy
 
 ENV_NAME = "flywheel-served-simulator"
 TERMS = ("task", "imagination", "physics", "total")
@@ -54,6 +57,13 @@ def make_served_env(ctx: dict) -> gym.vector.VectorEnv:
     from services.vector_env import RemoteVectorEnv  # deferred: the driver never opens a session
 
     env = EnvConfig(**{k: v for k, v in ctx.items() if k != "num_envs"})
+    if env.addresses == [LOCAL]:
+        from services.config import ServerConfig
+        from services.local_env import LocalVectorEnv
+
+        return LocalVectorEnv(env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
+                              seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
+                              horizon=env.horizon, config=ServerConfig(task=env.task, engine=env.local_engine))
     addresses = list(env.addresses)
     first = max(_runner_index - 1, 0) % len(addresses)
     order = addresses[first:] + addresses[:first]
@@ -257,7 +267,7 @@ class PolicyTrainer:
             self.algo.stop()
             self.algo = None
 
-    def __enter__(self) -> PolicyTrainer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -89,9 +89,9 @@ class TorchPolicy(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def config(self) -> dict:
-        return dict(observation_size=self.observation_size, action_low=self.action_low.tolist(),
-                    action_high=self.action_high.tolist(), hidden_sizes=self.hidden_sizes,
-                    activation=self.activation)
+        return {"observation_size": self.observation_size, "action_low": self.action_low.tolist(),
+                    "action_high": self.action_high.tolist(), "hidden_sizes": self.hidden_sizes,
+                    "activation": self.activation}
 
     def save(self, path: str) -> None:
         """Atomic save (temp file, fsync, rename) of the weights and the architecture."""

@@ -87,7 +87,7 @@ def test_restore_refuses_a_different_network(trainer, tmp_path):
 
 
 def test_killing_an_env_runner_does_not_stop_training(trainer):
-    victim = sorted(trainer.runner_probe(), key=lambda p: p["worker_index"])[0]
+    victim = min(trainer.runner_probe(), key=lambda p: p["worker_index"])
     os.kill(victim["pid"], signal.SIGKILL)
     metrics = trainer.train(iterations=3)
     assert len(metrics) == 3 and all(m["env_steps_this_iter"] > 0 for m in metrics)

@@ -22,11 +22,11 @@ def test_task_defaults_cover_every_task_and_validate():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=0.0), "lr must be > 0"),
-    (dict(gamma=1.5), r"gamma must be in \[0, 1\]"),
-    (dict(minibatch_size=512, train_batch_size=256), "minibatch_size"),
-    (dict(activation="sigmoid"), "activation must be one of"),
-    (dict(hidden_sizes=[]), "hidden_sizes"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
+    ({"minibatch_size": 512, "train_batch_size": 256}, "minibatch_size"),
+    ({"activation": "sigmoid"}, "activation must be one of"),
+    ({"hidden_sizes": []}, "hidden_sizes"),
 ])
 def test_ppo_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
