@@ -1,6 +1,6 @@
 """RLlib sampling throughput through the gRPC service vs an in-process VectorEnv; PPO wall-clock to a return.
 
-    python benchmarks/policies.py [--task pendulum] [--steps 4096] [--envs 8 32] [--threshold 80]
+    python -m benchmarks.policies [--task pendulum] [--steps 4096] [--envs 8 32] [--threshold 80]
 
 Sampling: each EnvRunner samples ``--steps`` env steps with the current (random-init) policy, all runners
 in parallel; env steps/s = total / wall time. Servers use the MuJoCo engine at fidelity 1.
