@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -81,11 +82,16 @@ def _run(args) -> int:
         if args.force:
             raise ConfigError("--force only applies with --resume RUN_DIR")
         orch = Orchestrator.create(load_config(args.overrides), args.run_dir, say=_say)
+    signal.signal(signal.SIGTERM, _interrupt)     # a polite kill ends the MLflow run as KILLED
     try:
         orch.run()
     finally:
         _shutdown_ray()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _report(run_dir: Path) -> int:

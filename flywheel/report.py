@@ -16,8 +16,8 @@ CAPABILITY = (("capability/success_rate", "success rate (reality)"), ("capabilit
               ("world_model/open_loop_error", "WM open-loop error"), ("imagination/accuracy", "imagination accuracy"),
               ("physics/violation_rate", "physics-violation rate"), ("data/selected_trajectories", "selected episodes"))
 TABLE_COLUMNS = (("lap", "lap", "{:d}"), ("capability/success_rate", "success", "{:.2f}"),
-                 ("capability/return", "return", "{:.1f}"), ("world_model/one_step_error", "wm 1-step", "{:.3f}"),
-                 ("world_model/open_loop_error", "wm open-loop", "{:.3f}"), ("imagination/accuracy", "imag acc", "{:.2f}"),
+                 ("capability/return", "return", "{:.1f}"), ("world_model/one_step_error", "wm 1-step", "{:.2e}"),
+                 ("world_model/open_loop_error", "wm open-loop", "{:.2e}"), ("imagination/accuracy", "imag acc", "{:.2f}"),
                  ("physics/violation_rate", "phys viol", "{:.2f}"), ("data/selected_trajectories", "selected", "{:.0f}"),
                  ("data/total_transitions", "transitions", "{:.0f}"), ("lap/seconds", "seconds", "{:.0f}"))
 

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from flywheel.config import FlywheelConfig, to_container, to_yaml
+from flywheel.config import ConfigError, FlywheelConfig, to_container, to_yaml
 from simulators.dataset import atomic_write
 
 RUN_FILE = "tracking.json"
@@ -65,7 +65,7 @@ class Tracker:
         if saved.exists():
             info = json.loads(saved.read_text())
             if info["uri"] != uri:
-                raise ValueError(f"run {run_dir} is tracked at {info['uri']}, not {uri}; resume with the same "
+                raise ConfigError(f"run {run_dir} is tracked at {info['uri']}, not {uri}; resume with the same "
                                  f"tracking.uri")
             client.update_run(info["run_id"], status="RUNNING")
             return cls(uri, info["experiment"], info["run_id"])
