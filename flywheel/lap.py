@@ -177,6 +177,7 @@ def evaluate(ctx: LapContext) -> dict:
     from policies.evaluate import evaluate as evaluate_policy
     from policies.torch_policy import TorchPolicy
     from simulators import make_engine
+    from simulators.dataset import SOURCE_REALITY
     from simulators.reality import episodes_to_dataset
     from simulators.world_model import WorldModel, one_step_error, open_loop_error
 
@@ -187,7 +188,7 @@ def evaluate(ctx: LapContext) -> dict:
     eval_seed = cfg.seed + 1_000_003             # the same reality episodes every lap
     ev = evaluate_policy(policy, reality, episodes=cfg.reality.eval_episodes, seed=eval_seed)
     ep = reality.rollout(policy, n_envs=min(16, cfg.reality.eval_episodes), seed=eval_seed)
-    data = episodes_to_dataset(ep, 0, ctx.lap, 0, cfg.task)
+    data = episodes_to_dataset(ep, 0, ctx.lap, SOURCE_REALITY, cfg.task)
     # the agent's imagination in reality: tumbling H-step windows of the policy's real episodes
     B, T, S = ep.states.shape[0], ep.actions.shape[1], ep.states.shape[2]
     k = T // H
