@@ -43,6 +43,19 @@ def best_time(fn, repeats: int, budget_s: float = 2.0) -> float:
     return float(np.median(times))
 
 
+def interleaved_times(a, b, rounds: int = 7, budget_s: float = 3.0) -> tuple[float, float]:
+    """Median seconds per call of ``a`` and ``b``, timed in alternating rounds (shared machines drift)."""
+    a(), b()
+    ta, tb = [], []
+    start = time.perf_counter()
+    for _ in range(rounds):
+        ta.append(best_time(a, 5, budget_s / (2 * rounds)))
+        tb.append(best_time(b, 5, budget_s / (2 * rounds)))
+        if time.perf_counter() - start > 4 * budget_s:
+            break
+    return float(np.median(ta)), float(np.median(tb))
+
+
 def block(x):
     leaves = getattr(x, "qpos", None)
     if leaves is None:
@@ -77,8 +90,9 @@ def engine_rates(engine, batch: int) -> tuple[float, float]:
         import jax.numpy as jnp
 
         raw_state, raw_actions = state, jnp.asarray(actions, dtype=jnp.float32)
-    t_bare = best_time(lambda: block(engine.bare_step(raw_state, raw_actions)), 20)
-    t_step = best_time(lambda: block(engine.step(state, actions)), 20)
+    bare = lambda: block(engine.bare_step(raw_state, raw_actions))  # noqa: E731
+    step = lambda: block(engine.step(state, actions))  # noqa: E731
+    t_bare, t_step = interleaved_times(bare, step)
     return batch / t_bare, batch / t_step
 
 
