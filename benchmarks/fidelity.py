@@ -32,9 +32,9 @@ def stage_table(sweep_dir: Path) -> str:
              "  ".join(f"{h:>9}" for h in ("lap", *STAGES, "total"))]
     for lap in sorted({r["lap"] for r in rows}):
         sel = [r for r in rows if r["lap"] == lap]
-        cells = [np.nanmean([r.get(f"time/{s}", np.nan) for r in sel]) for s in STAGES]
+        cells = [np.mean(v) if (v := [r[f"time/{s}"] for r in sel if f"time/{s}" in r]) else np.nan for s in STAGES]
         total = np.nanmean([r.get("lap/seconds", np.nan) for r in sel])
-        lines.append("  ".join(f"{v:>9.1f}" if np.isfinite(v) else f"{'-':>9}" for v in (lap, *cells, total)))
+        lines.append("  ".join([f"{lap:>9d}", *(f"{v:>9.1f}" if np.isfinite(v) else f"{'-':>9}" for v in (*cells, total))]))
     return "\n".join(lines)
 
 

@@ -143,7 +143,7 @@ def format_sweep_table(summary: list[dict], title: str) -> str:
         for lap in laps:
             if lap in s["laps"]:
                 i = s["laps"].index(lap)
-                cells.append(f"{s['mean'][i]:.3f}±{s['std'][i]:.3f}")
+                cells.append(f"{s['mean'][i]:.3g}±{s['std'][i]:.2g}")
             else:
                 cells.append("-")
         body.append(cells)

@@ -74,6 +74,6 @@ def test_sweep_summary_has_a_row_per_setting_with_mean_and_spread(tmp_path):
     np.testing.assert_allclose(summary[1]["mean"], [0.05, 1.05, 2.05])
     np.testing.assert_allclose(summary[1]["std"], [0.05, 0.05, 0.05])
     text = format_sweep_table(summary, "success rate")
-    assert len(text.splitlines()) == 3 + 2 and "2.050±0.050" in text
+    assert len(text.splitlines()) == 3 + 2 and "2.05±0.05" in text
     path = plot_sweep({"capability/success_rate": summary}, tmp_path / "sweep.png")
     assert path.stat().st_size > 1000
