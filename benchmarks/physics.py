@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import simulators  # noqa: E402
-from simulators.physics import auto_backend  # noqa: E402
+import simulators
+from simulators.physics import auto_backend
 
 
 def best_time(fn, repeats: int, budget_s: float = 2.0) -> float:
@@ -90,8 +90,8 @@ def engine_rates(engine, batch: int) -> tuple[float, float]:
         import jax.numpy as jnp
 
         raw_state, raw_actions = state, jnp.asarray(actions, dtype=jnp.float32)
-    bare = lambda: block(engine.bare_step(raw_state, raw_actions))  # noqa: E731
-    step = lambda: block(engine.step(state, actions))  # noqa: E731
+    bare = lambda: block(engine.bare_step(raw_state, raw_actions))
+    step = lambda: block(engine.step(state, actions))
     t_bare, t_step = interleaved_times(bare, step)
     return batch / t_bare, batch / t_step
 

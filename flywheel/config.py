@@ -67,6 +67,7 @@ class RealitySection:
     engine: str = "auto"
     params: PhysicsParams = field(default_factory=PhysicsParams)
     seed_steps: int = 8000          # transitions of random-policy seed data collected in lap 0
+    seed_action_scale: float = 1.0  # the seed policy's actions span this fraction of the action bounds
     seed_envs: int = 16
     eval_episodes: int = 32
 
@@ -226,6 +227,7 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("reality.seed_steps", cfg.reality.seed_steps, 1)
     _check_range("reality.seed_envs", cfg.reality.seed_envs, 1)
     _check_range("reality.eval_episodes", cfg.reality.eval_episodes, 1)
+    _check_range("reality.seed_action_scale", cfg.reality.seed_action_scale, 0.01, 1.0)
     _check_range("simulator.fidelity", cfg.simulator.fidelity, 0.0, 1.0)
     _check_choice("simulator.mode", cfg.simulator.mode, SIM_MODES)
     _check_range("simulator.horizon", cfg.simulator.horizon, 1)

@@ -1,7 +1,7 @@
 """One lap of the flywheel, as named phases that read top to bottom.
 
     seed       (lap 0 only) collect random-policy data in reality; train the first world model
-    serve      simulator server(s) start in spawned processes with the current world-model version
+    serve      simulator server(s) start as Ray actors with the current world-model version
     self_play  PPO policy workers train in the served simulator; the server records every graded transition
     select     successful, accurate, physically plausible episodes go to the trajectory store
     retrain    the world model trains on the seed data plus every selected trajectory so far (a new version)
@@ -62,11 +62,13 @@ class LapContext:
 # -- seed ---------------------------------------------------------------------------------------
 def seed(ctx: LapContext) -> dict:
     """Random-policy data from reality and the first world model trained on it."""
+    from simulators.reality import RandomPolicy
     from simulators.world_model import WorldModel
 
     cfg = ctx.cfg
-    data = ctx.reality().collect(None, n_steps=cfg.reality.seed_steps, n_envs=cfg.reality.seed_envs, seed=cfg.seed,
-                                 lap=0)
+    reality = ctx.reality()
+    policy = RandomPolicy(reality.spec, cfg.reality.seed_action_scale, seed=cfg.seed)
+    data = reality.collect(policy, n_steps=cfg.reality.seed_steps, n_envs=cfg.reality.seed_envs, seed=cfg.seed, lap=0)
     ctx.store.add(0, "seed", data)
     ctx.say(f"seed: {len(data)} reality transitions ({int(data.dones.sum())} episodes)")
     wm = WorldModel(cfg.task, data.states.shape[1], data.actions.shape[1], replace(cfg.world_model, seed=cfg.seed))
@@ -78,24 +80,24 @@ def seed(ctx: LapContext) -> dict:
 # -- serve + self_play --------------------------------------------------------------------------
 @contextlib.contextmanager
 def serve(ctx: LapContext) -> Iterator[list[str]]:
-    """Simulator servers (spawned processes) serving the latest world model, recording into the store."""
-    from services.server import ServerProcess
+    """Simulator servers (Ray actors, GPU where asked) serving the latest world model, recording into the store."""
+    from flywheel.orchestrator import init_ray
+    from services.server_actor import start_server_actors, stop_server_actors
 
     cfg = ctx.cfg
     ctx.store.clear_raw(ctx.lap)               # a restarted self-play stage records afresh
-    servers = []
+    configs = [replace(cfg.service, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
+                       world_model_path=str(ctx.wm_path(ctx.lap - 1)), trajectory_dir=str(ctx.store.raw_dir(ctx.lap)),
+                       lap=ctx.lap, episode_offset=(ctx.lap + 1) * EPISODE_STRIDE + i * (EPISODE_STRIDE // 16),
+                       seed=cfg.seed, reward=cfg.rewards)
+               for i in range(cfg.self_play.num_servers)]
+    init_ray(cfg)
+    actors, addresses = start_server_actors(configs)
     try:
-        for i in range(cfg.self_play.num_servers):
-            server_cfg = replace(
-                cfg.service, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
-                world_model_path=str(ctx.wm_path(ctx.lap - 1)), trajectory_dir=str(ctx.store.raw_dir(ctx.lap)),
-                lap=ctx.lap, episode_offset=(ctx.lap + 1) * EPISODE_STRIDE + i * (EPISODE_STRIDE // 16),
-                seed=cfg.seed, reward=cfg.rewards)
-            servers.append(ServerProcess(server_cfg).start())
-        yield [s.address for s in servers]
+        ctx.say(f"serve: {len(addresses)} simulator server(s) at {', '.join(addresses)}")
+        yield addresses
     finally:
-        for s in servers:                      # a graceful stop flushes the recorders
-            s.stop()
+        stop_server_actors(actors)             # a graceful stop flushes the recorders
 
 
 def self_play(ctx: LapContext, addresses: list[str]) -> dict:
@@ -176,7 +178,6 @@ def evaluate(ctx: LapContext) -> dict:
     import rewards
     from policies.evaluate import evaluate as evaluate_policy
     from policies.torch_policy import TorchPolicy
-    from simulators import make_engine
     from simulators.dataset import SOURCE_REALITY
     from simulators.reality import episodes_to_dataset
     from simulators.world_model import WorldModel, one_step_error, open_loop_error
@@ -197,7 +198,7 @@ def evaluate(ctx: LapContext) -> dict:
     actual = ep.states[:, 1: k * H + 1].reshape(B, k, H, S)
     imagined = wm.imagine(starts.reshape(B * k, S), acts.reshape(B * k, H, -1))
     accuracy = rewards.imagination_accuracy(imagined, actual.reshape(B * k, H, S), wm.state_scale)
-    engine = make_engine(cfg.engine.name, cfg.task, vars(cfg.engine.params))
+    engine = reality.engine                      # the agent's imagination is checked against reality's physics
     report = rewards.physics_violation(engine, starts.reshape(B * k, S), acts.reshape(B * k, H, -1), imagined,
                                        cfg.rewards, scale=wm.state_scale)
     real0 = ep.states[0, : k * H + 1]

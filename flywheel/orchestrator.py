@@ -14,7 +14,6 @@ workers are RLlib EnvRunners on Ray (``ray.init`` on this machine's cores unless
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,12 +173,6 @@ class Orchestrator:
 
 def init_ray(cfg: FlywheelConfig) -> None:
     """``ray.init`` once per process: the configured cluster, or this machine's cores."""
-    import ray
+    from policies.rllib_adapter import init_ray as init
 
-    if ray.is_initialized():
-        return
-    kwargs = {"include_dashboard": cfg.ray.include_dashboard, "log_to_driver": False, "ignore_reinit_error": True}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(2, os.cpu_count() or 1), **kwargs)
+    init(cfg.ray.num_cpus, cfg.ray.address, cfg.ray.include_dashboard)

@@ -140,12 +140,20 @@ def build_rllib_config(ppo: PPOConfig, env: EnvConfig) -> RLlibPPOConfig:
     )
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray (no dashboard) unless one is already up (the orchestrator's, or a cluster's)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"RLLIB_TEST_NO_JAX_IMPORT": "1", "PYTHONPATH": _worker_pythonpath()}})
+def init_ray(num_cpus: int | None = None, address: str | None = None, include_dashboard: bool = False) -> None:
+    """``ray.init`` once per process: a cluster at ``address``, else this machine's cores (no dashboard).
+
+    Every worker gets the project on its path and RLlib's switch that keeps JAX out of it.
+    """
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"RLLIB_TEST_NO_JAX_IMPORT": "1", "PYTHONPATH": _worker_pythonpath()}}
+    kwargs = {"include_dashboard": include_dashboard, "log_to_driver": False, "configure_logging": False,
+              "runtime_env": runtime_env}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), **kwargs)
 
 
 def _worker_pythonpath() -> str:

@@ -27,6 +27,7 @@ class ServerConfig:
     workers: int = 8                                # gRPC handler threads
     torch_threads: int = 0                          # torch intra-op threads in the server; 0 = torch's default
     max_sessions: int = 64
+    num_gpus: float = 0.0                           # GPUs a server actor asks Ray for (JAX engines use them)
     seed: int = 0                                   # seed of the untrained world model
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -43,6 +44,8 @@ class ServerConfig:
         for name in ("lap", "episode_offset", "torch_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not float(self.num_gpus) >= 0:
+            raise ValueError(f"ServerConfig.num_gpus must be >= 0, got {self.num_gpus!r}")
         if not self.host:
             raise ValueError("ServerConfig.host must be a host name or address, e.g. 127.0.0.1")
         return self

@@ -69,9 +69,8 @@ def with_weights(config, weights: dict[str, float], horizon: int = 0):
 
 def open_session(config, models, request: SessionRequest, next_offset: Callable[[], int]) -> SimSession:
     """Validate a ``SessionRequest`` against the server's limits and build its session."""
-    from simulators.corrected import CorrectedSimulator
-
     from simulators import make_engine, make_task
+    from simulators.corrected import CorrectedSimulator
 
     task, n = make_task(request.task or config.task), int(request.num_envs)
     if n < 1:

@@ -107,6 +107,24 @@ class Reality:
         return TransitionDataset.concat(parts)
 
 
+class RandomPolicy:
+    """Uniform random actions in a fraction ``scale`` of the action bounds around their middle.
+
+    ``scale=1`` is the usual random seed policy; a smaller scale is a cautious one whose data
+    leaves the rest of the action space unseen (the world model must extrapolate there).
+    """
+
+    def __init__(self, spec, scale: float = 1.0, seed: int = 0):
+        if not 0.0 < float(scale) <= 1.0:
+            raise ValueError(f"random policy scale must be in (0, 1], got {scale!r}")
+        mid, half = (spec.action_high + spec.action_low) / 2, (spec.action_high - spec.action_low) / 2
+        self.low, self.high = mid - scale * half, mid + scale * half
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        return self._rng.uniform(self.low, self.high, size=(len(observations), len(self.low)))
+
+
 def episodes_to_dataset(ep: Episodes, first_id: int, lap: int, source: int, task: str) -> TransitionDataset:
     """Flatten ``Episodes`` into a dataset (one row per transition, episode-major)."""
     B, T = ep.actions.shape[:2]

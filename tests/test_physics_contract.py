@@ -15,7 +15,7 @@ BACKENDS = ("mujoco", "mjx", "brax")
 BATCH = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def engine(name: str, task: str):
     return simulators.make_engine(name, task)
 

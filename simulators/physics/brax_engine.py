@@ -19,9 +19,9 @@ from simulators.physics.base import EngineBase
 from simulators.tasks import Task
 
 jax = configure_jax()
-import jax.numpy as jnp  # noqa: E402
-from brax.generalized import pipeline  # noqa: E402
-from brax.io import mjcf  # noqa: E402
+import jax.numpy as jnp
+from brax.generalized import pipeline
+from brax.io import mjcf
 
 
 @functools.partial(jax.jit, static_argnames="substeps")

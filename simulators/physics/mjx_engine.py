@@ -18,8 +18,8 @@ from simulators.physics.base import EngineBase
 from simulators.tasks import Task
 
 jax = configure_jax()
-import jax.numpy as jnp  # noqa: E402
-from mujoco import mjx  # noqa: E402
+import jax.numpy as jnp
+from mujoco import mjx
 
 
 @functools.partial(jax.jit, static_argnames="substeps")
