@@ -1,6 +1,6 @@
 """The fidelity experiment: reality success rate and WM open-loop error per lap, per fidelity, over seeds.
 
-    python benchmarks/fidelity.py                                   # 5 fidelities x 5 laps x 3 seeds (long)
+    python benchmarks/fidelity.py preset=fidelity                   # 5 fidelities x 5 laps x 3 seeds (long)
     python benchmarks/fidelity.py --fidelities 0,1 --laps 3 --seeds 1 preset=smoke    # a quick look
 
 Runs ``flywheel sweep`` (one parent MLflow run, a child per fidelity and seed), prints the
