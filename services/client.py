@@ -217,9 +217,11 @@ class Session:
                                                      seed=0 if seed is None else int(seed)))
         return decode(r.observations)
 
-    def step(self, actions: np.ndarray) -> StepReply:
-        """Step every env with ``actions [B, A]`` (float32 on the wire)."""
+    def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
+        """Step every env with ``actions [B, A]`` (float32 on the wire); envs flagged in ``hold [B]`` stay put."""
         request = pb.StepRequest(session_id=self.id, seq=self._seq + 1, actions=encode(actions, "float32"))
+        if hold is not None and np.any(hold):
+            request.hold.CopyFrom(encode(np.asarray(hold, bool), "bool"))
         return StepReply.from_proto(self._sequenced("Step", request))
 
     def _sequenced(self, method: str, request):

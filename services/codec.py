@@ -53,3 +53,15 @@ def decode_float(msg: pb.Tensor, name: str, shape: tuple[int | None, ...], finit
         rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[:10].tolist() if a.ndim else []
         raise CodecError(f"{name}: non-finite values (NaN or inf) in row(s) {rows}; values must be finite")
     return a.astype(np.float64, copy=False)
+
+
+def decode_mask(msg: pb.Tensor, name: str, size: int) -> np.ndarray:
+    """Decode a ``[size]`` bool tensor (an unset tensor is all False)."""
+    if not msg.dtype and not msg.shape and not msg.data:
+        return np.zeros(size, bool)
+    if msg.dtype != "bool":
+        raise CodecError(f"{name}: dtype {msg.dtype or '(unset)'} is not allowed; expected bool")
+    a = decode(msg, name)
+    if a.shape != (size,):
+        raise CodecError(f"{name}: shape {tuple(a.shape)} does not match the expected ({size},)")
+    return a

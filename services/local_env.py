@@ -41,8 +41,8 @@ class LocalVectorEnv(SimulatorVectorEnv):
     def _reset(self, seed: int | None) -> np.ndarray:
         return self.session.restart(seed)
 
-    def _step(self, actions: np.ndarray) -> StepReply:
-        r, g = self.session.advance(actions)
+    def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
+        r, g = self.session.advance(actions, hold)
         window = np.zeros(self.num_envs, bool) if r.window is None else np.asarray(r.window.mask, bool)
         f32 = np.float32
         return StepReply(np.asarray(r.observations, f32), np.asarray(r.final_observations, f32),

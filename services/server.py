@@ -111,7 +111,8 @@ class SimulatorService(pb_grpc.SimulatorServicer):
 
     @_rpc
     def Step(self, request, context):
-        return self._session(request.session_id).step(request.seq, request.actions)
+        hold = request.hold if request.HasField("hold") else None
+        return self._session(request.session_id).step(request.seq, request.actions, hold)
 
     def StreamStep(self, request_iterator, context):
         for request in request_iterator:

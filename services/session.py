@@ -23,7 +23,7 @@ import numpy as np
 
 from rewards import grade_step
 from services.client import SessionInfo
-from services.codec import decode_float, encode
+from services.codec import decode_float, decode_mask, encode
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.recorder import Recorder
 
@@ -125,14 +125,16 @@ class SimSession:
         self._started = True
         return np.asarray(self.sim.reset())
 
-    def advance(self, actions: np.ndarray):
-        """Step, grade and record the batch; returns ``(StepResult, grades)``."""
+    def advance(self, actions: np.ndarray, hold: np.ndarray | None = None):
+        """Step (envs in ``hold`` stay put), grade and record the batch; returns ``(StepResult, grades)``."""
         if not self._started:
             raise ServiceError("FAILED_PRECONDITION", f"session {self.id}: call Reset before Step")
-        r = self.sim.step(actions)
+        r = self.sim.step(actions, hold)
         grades = grade_step(r, self.engine, self.scale, self.reward_config)
         done = np.asarray(r.terminated) | np.asarray(r.truncated)
-        self.recorder.add(r.states, r.actions, r.next_states, r.episode_ids, r.steps, done, r.success, grades)
+        live = slice(None) if hold is None or not np.any(hold) else ~np.asarray(hold, bool)
+        self.recorder.add(r.states[live], r.actions[live], r.next_states[live], r.episode_ids[live], r.steps[live],
+                          done[live], r.success[live], {k: v[live] for k, v in grades.items()})
         return r, grades
 
     # -- over the wire -------------------------------------------------------------------------
@@ -160,11 +162,12 @@ class SimSession:
 
         return self._sequenced(seq, f"reset:{seed}".encode(), run)
 
-    def step(self, seq: int, actions: pb.Tensor) -> pb.StepResponse:
+    def step(self, seq: int, actions: pb.Tensor, hold: pb.Tensor | None = None) -> pb.StepResponse:
         a = decode_float(actions, "actions", (self.num_envs, self.info.action_low.shape[0]))
+        held = None if hold is None else decode_mask(hold, "hold", self.num_envs)
 
         def run():
-            r, grades = self.advance(a)
+            r, grades = self.advance(a, held)
             window = np.zeros(self.num_envs, bool) if r.window is None else np.asarray(r.window.mask, bool)
             return pb.StepResponse(
                 seq=seq, observations=encode(r.observations, "float32"),
@@ -175,7 +178,8 @@ class SimSession:
                 success=encode(r.success, "bool"), episode_ids=encode(r.episode_ids, "int64"),
                 steps=encode(r.steps, "int32"), window=encode(window, "bool"), wm_version=self.wm_version)
 
-        return self._sequenced(seq, actions.SerializeToString(), run)
+        key = actions.SerializeToString() + (b"" if hold is None else hold.SerializeToString())
+        return self._sequenced(seq, key, run)
 
     def close(self) -> str | None:
         """Mark closed and flush the recorder; returns the last shard written (if any)."""

@@ -14,11 +14,9 @@ observation, and the next step's observation as the new episode's reset observat
     env.close()
 
 Next-step reset: an env whose episode ended returns its terminal observation; the backend has
-already reset it, so on the following call it ignores the given action, takes one step from the
-new initial state under the neutral action (the middle of the action bounds), and returns that
-state's observation with reward 0 and no termination. The reset distribution seen by the policy is
-therefore the task's initial distribution advanced by one neutral step (documented trade-off: the
-batch simulator cannot hold one env still while the others step).
+already reset it to a fresh initial state, so on the following call the env is sent as held
+(``hold``): it ignores the given action, does not move, and returns that initial state's
+observation with reward 0 and no termination, exactly as gymnasium's next-step autoreset does.
 """
 
 from __future__ import annotations
@@ -50,7 +48,6 @@ class SimulatorVectorEnv(VectorEnv):
                                               dtype=np.float32)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self._neutral = ((info.action_low + info.action_high) / 2).astype(np.float32)
         self._pending = np.zeros(self.num_envs, dtype=bool)
         self._needs_reset = True
 
@@ -58,7 +55,7 @@ class SimulatorVectorEnv(VectorEnv):
     def _reset(self, seed: int | None) -> np.ndarray:
         raise NotImplementedError
 
-    def _step(self, actions: np.ndarray) -> StepReply:
+    def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
         raise NotImplementedError
 
     # -- gymnasium -----------------------------------------------------------------------------
@@ -84,9 +81,7 @@ class SimulatorVectorEnv(VectorEnv):
         if not np.isfinite(a).all():
             raise ValueError(f"non-finite action in env(s) {np.flatnonzero(~np.isfinite(a).all(axis=1))[:10].tolist()}")
         held = self._pending
-        if held.any():
-            a = np.where(held[:, None], self._neutral, a)
-        out = self._step(a)
+        out = self._step(a, held if held.any() else None)
         ended = out.terminated | out.truncated
         live = ~held
         obs = np.where((ended & live)[:, None], out.final_observations, out.observations).astype(np.float32)
@@ -126,8 +121,8 @@ class RemoteVectorEnv(SimulatorVectorEnv):
     def _reset(self, seed: int | None) -> np.ndarray:
         return self.session.reset(seed)
 
-    def _step(self, actions: np.ndarray) -> StepReply:
-        return self.session.step(actions)
+    def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
+        return self.session.step(actions, hold)
 
     def close_extras(self, **kwargs) -> None:
         try:

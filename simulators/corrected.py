@@ -19,6 +19,10 @@ Modes (``MODES``):
   f = 0.5: every 2nd step; f = 0.1: every 10th; f = 0: never, i.e. the WM alone). About a fraction f
   of the steps is grounded.
 
+``step(actions, hold=mask)`` leaves the held envs exactly where they are (no physics, no reward,
+no episode clock, no imagination): that is how a gymnasium next-step autoreset returns an env's
+fresh initial state without advancing it.
+
 Torch (the WM) and the engine (MuJoCo C arrays or JAX) meet here through float64 numpy arrays.
 Episodes are truncated at ``task.episode_length``; they terminate early only if a corrected state
 turns non-finite (then ``terminated`` is True, the reward is 0, and the env is reset).
@@ -138,39 +142,46 @@ class CorrectedSimulator:
         engine_next = self.engine.step_vectors(s, a)  # full batch: keeps JAX engines at one compiled shape
         return np.where(ground[:, None], engine_next, wm_next)
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        """Advance every env one step; finished envs are reset inside this step."""
+    def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepResult:
+        """Advance every env not in ``hold`` one step; finished envs are reset inside this step."""
         if self._states is None:
             raise RuntimeError("call reset() before step()")
         B, H = self.num_envs, self.horizon
         s = self._states
         a = self.engine.check_actions(actions, B)
+        held = np.zeros(B, bool) if hold is None else np.asarray(hold, bool).reshape(-1)
+        if held.shape != (B,):
+            raise ValueError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
+        live = ~held
         # One WM call for both the correction (from s) and the imagination (from the imagined state).
         need_wm = self.fidelity < 1.0
         rows = np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
         pred = self.world_model.step(rows, np.concatenate([a, a]) if need_wm else a)
         wm_next, imagined_next = (pred[:B], pred[B:]) if need_wm else (None, pred)
         s1 = self._correct(s, a, wm_next)
+        if held.any():
+            s1 = np.where(held[:, None], s, s1)
+            imagined_next = np.where(held[:, None], self._imagined_state, imagined_next)
 
-        terminated = ~np.isfinite(s1).all(axis=1)
+        terminated = ~np.isfinite(s1).all(axis=1) & live
         safe = np.where(terminated[:, None], 0.0, s1)
         steps = self._t.copy()
-        self._t += 1
-        truncated = (self._t >= self.task.episode_length) & ~terminated
-        reward = np.where(terminated, 0.0, self.task.reward(safe, a)).astype(np.float32)
+        self._t += live
+        truncated = (self._t >= self.task.episode_length) & ~terminated & live
+        reward = np.where(terminated | held, 0.0, self.task.reward(safe, a)).astype(np.float32)
         good = np.asarray(self.task.is_good(safe)) & ~terminated
-        self._good_run = np.where(good, self._good_run + 1, 0).astype(np.int32)
+        self._good_run = np.where(held, self._good_run, np.where(good, self._good_run + 1, 0)).astype(np.int32)
         success = self._good_run >= self.task.success_steps
         episode_ids = self._episode_ids.copy()
 
         # Imagination: record this step in each env's window, close the windows that reached H.
-        rows_b = np.arange(B)
-        k = self._win_k
-        self._win_actions[rows_b, k] = a
-        self._win_imagined[rows_b, k] = imagined_next
-        self._win_actual[rows_b, k] = s1
-        self._win_k = k + 1
-        closed = self._win_k >= H
+        rows_b = np.flatnonzero(live)
+        k = self._win_k[rows_b]
+        self._win_actions[rows_b, k] = a[rows_b]
+        self._win_imagined[rows_b, k] = imagined_next[rows_b]
+        self._win_actual[rows_b, k] = s1[rows_b]
+        self._win_k = self._win_k + live
+        closed = (self._win_k >= H) & live
         window = None
         if closed.any():
             window = ImaginationWindow(closed, self._win_start.copy(), self._win_actions.copy(),

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from simulators import CorrectedSimulator, Reality, WorldModel, WorldModelConfig, make_engine
+from simulators import CorrectedSimulator, Reality, WorldModel, WorldModelConfig, make_engine, make_task
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,26 @@ def test_engine_params_give_a_sim_to_real_gap(wm):
     r = run(sim, 3)[-1]
     assert not np.allclose(r.next_states, true.step_vectors(r.states, r.actions))
     np.testing.assert_array_equal(r.next_states, sim.engine.step_vectors(r.states, r.actions))
+
+
+def test_held_envs_stay_put_while_the_others_step():
+    task = make_task("pendulum")
+    engine = make_engine("mujoco", task)
+    wm = WorldModel(task, engine.spec.state_size, engine.spec.action_size,
+                    WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1))
+    sim = CorrectedSimulator(task, wm, engine, fidelity=1.0, horizon=3, num_envs=4, seed=0)
+    sim.reset()
+    before = sim.states.copy()
+    hold = np.array([True, False, True, False])
+    r = sim.step(np.ones((4, 1)), hold=hold)
+    np.testing.assert_array_equal(r.next_states[hold], before[hold])
+    np.testing.assert_allclose(r.next_states[~hold], engine.step_vectors(before[~hold], np.ones((2, 1))))
+    assert (r.task_reward[hold] == 0).all() and (r.task_reward[~hold] > 0).all()
+    np.testing.assert_array_equal(r.steps, [0, 0, 0, 0])
+    for _ in range(2):                                # the live envs close their 3-step window first
+        r = sim.step(np.zeros((4, 1)))
+    assert r.window is not None and r.window.mask.tolist() == [False, True, False, True]
+    r = sim.step(np.zeros((4, 1)))
+    assert r.window.mask.tolist() == [True, False, True, False] and r.steps.tolist() == [2, 3, 2, 3]
+    with pytest.raises(ValueError, match=r"hold has shape \(3,\), expected \(4,\)"):
+        sim.step(np.zeros((4, 1)), hold=np.zeros(3, bool))

@@ -86,9 +86,11 @@ def test_checks_a_gymnasium_user_runs(setup, make):
 def test_remote_equals_local_and_autoresets_on_the_next_step(setup):
     envs = [remote(setup), local(setup)]
     outs = [[env.reset(seed=4)[0]] for env in envs]
+    sim_states = []                                          # the in-process simulator's states after each step
     for t in range(T + 3):
         for env, out in zip(envs, outs):
             out.append(env.step(actions(t)))
+        sim_states.append(envs[1].session.sim.states.copy())
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     for a, b in zip(outs[0][1:], outs[1][1:]):
         for x, y in zip(a[:4], b[:4]):
@@ -104,6 +106,11 @@ def test_remote_equals_local_and_autoresets_on_the_next_step(setup):
     assert (reward_reset == 0).all() and not term_r.any() and not trunc_r.any()
     assert not info_reset["_reward/total"].any() and not info_reset["_success"].any()
     assert not np.allclose(obs_reset, obs_end)
+    # the reset observation is the fresh initial state itself: held envs did not move under the ignored action
+    np.testing.assert_array_equal(sim_states[T], sim_states[T - 1])
+    task = envs[1].session.sim.task
+    np.testing.assert_allclose(obs_reset, task.observe(sim_states[T - 1]), rtol=1e-6)
+    assert (np.abs(sim_states[T - 1][:, 1]) <= 1.0).all()    # pendulum's initial angular speed is within +-1
     assert info_reset["_reward/total"].sum() == 0 and steps[T + 1][4]["_reward/total"].all()
     assert (steps[T + 1][4]["episode_id"] != info_end["episode_id"]).all()
     for env in envs:
