@@ -59,7 +59,7 @@ class Orchestrator:
 
     def __init__(self, cfg: FlywheelConfig, run_dir: Path, say: Callable[[str], None] = print,
                  parent_run_id: str | None = None, run_name: str | None = None):
-        self.cfg, self.run_dir, self.say = cfg, Path(run_dir), say
+        self.cfg, self.run_dir, self.say = cfg, Path(run_dir).resolve(), say
         self.parent_run_id, self.run_name = parent_run_id, run_name
         self.store = TrajectoryStore(self.run_dir / "store")
         self.tracker: Tracker | None = None
@@ -68,7 +68,7 @@ class Orchestrator:
     @classmethod
     def create(cls, cfg: FlywheelConfig, run_dir: str | Path | None = None, **kw) -> Orchestrator:
         """A new run directory (refused if it already holds a run: use ``resume``)."""
-        run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg))
+        run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg)).resolve()
         if (run_dir / "state.json").exists():
             raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}")
         cfg.run_dir = str(run_dir)
@@ -81,7 +81,7 @@ class Orchestrator:
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, force: bool = False,
                **kw) -> Orchestrator:
         """Continue a run; a config that differs (beyond laps, location, tracking, Ray) needs ``force``."""
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).resolve()
         state_path = run_dir / "state.json"
         if not state_path.exists():
             raise ConfigError(f"{run_dir} is not a flywheel run directory (no state.json)")

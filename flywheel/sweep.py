@@ -74,7 +74,7 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, swee
             load_config(child_overrides)                       # every setting is valid before anything starts
             children.append({"setting": " ".join(setting), "seed": base.seed + k, "overrides": child_overrides,
                              "dir": f"{slug(setting)}-seed{base.seed + k}"})
-    sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}")
+    sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = {"overrides": overrides, "grid": grid, "seeds": seeds, "children": children}
     text = json.dumps(spec, indent=1).encode()

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 def flywheel(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "flywheel", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "flywheel", *args], cwd=kw.pop("cwd", ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -43,8 +43,8 @@ def steps_of(tracker: Tracker, key: str) -> list[int]:
 
 
 def test_two_lap_smoke_run_end_to_end(tmp_path):
-    run_dir = tmp_path / "run"
-    out = finish(flywheel("run", *SMOKE, f"runs_root={tmp_path}", "--run-dir", str(run_dir)))
+    run_dir = tmp_path / "run"                      # given relative to the working directory, as users do
+    out = finish(flywheel("run", *SMOKE, "runs_root=.", "--run-dir", "run", cwd=tmp_path))
     tracker = Tracker.attach(run_dir)
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
     for when in ("[start]", "[end]"):
