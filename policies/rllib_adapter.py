@@ -21,6 +21,7 @@ dies (or whose server goes away) is restarted by RLlib and training continues. R
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,11 @@ from typing import Self
 import gymnasium as gym
 import numpy as np
 import ray
+
+# RLlib's notices that say nothing to a Flywheel user (the JAX switch above, the new API stack being
+# the default, a GPU monitor that is not installed, its own deprecations) stay out of the progress.
+for _name in ("ray.rllib", "ray.tune.utils.util"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core import DEFAULT_MODULE_ID
