@@ -10,9 +10,7 @@ The network maps observations to the mean of the action distribution in the norm
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 
 import numpy as np
 import torch
@@ -95,19 +93,9 @@ class TorchPolicy(nn.Module):
 
     def save(self, path: str) -> None:
         """Atomic save (temp file, fsync, rename) of the weights and the architecture."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".policy-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"config": self.config(), "state_dict": self.state_dict()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from simulators.dataset import atomic_write
+
+        atomic_write(path, lambda f: torch.save({"config": self.config(), "state_dict": self.state_dict()}, f))
 
     @classmethod
     def load(cls, path: str) -> TorchPolicy:
