@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:                     # the server parses its own options (and --help)
+        from services.server import main as serve_main
+
+        return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -63,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
                 overrides, grid = [*spec_overrides, *overrides], {**spec_grid, **grid}
             run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say)
             return 0
-        if args.command == "serve":
-            from services.server import main as serve_main
-
-            return serve_main(args.args)
         return _report(Path(args.run_dir))
     except ConfigError as exc:
         print(f"flywheel: error: {exc}", file=sys.stderr)
