@@ -56,6 +56,12 @@ def format_table(rows: list[dict], columns=TABLE_COLUMNS) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def _log_scale_for_errors(ax, key: str) -> None:
+    """World-model errors span orders of magnitude over a run: plot them on a log axis."""
+    if key.endswith("_error") and all(np.all(np.asarray(line.get_ydata(), float) > 0) for line in ax.get_lines()):
+        ax.set_yscale("log")
+
+
 def plot_capability(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """One panel per capability metric, lap on the x axis."""
     plt = _plt()
@@ -65,6 +71,8 @@ def plot_capability(rows: list[dict], path: str | Path, title: str = "") -> Path
         ax.plot(laps, [r.get(key, np.nan) for r in rows], "o-")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("lap")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        _log_scale_for_errors(ax, key)
         ax.grid(alpha=0.3)
         if laps:
             ax.set_xticks(laps)
@@ -111,6 +119,7 @@ def write_run_report(run_dir: str | Path) -> list[Path]:
             with np.load(traj) as z:
                 files.append(plot_trajectory(z["real"], z["imagined"], float(z["dt"]),
                                              out / f"trajectory_lap{lap:03d}.png", int(z["horizon"]),
+                                             labels=[str(x) for x in z["labels"]] if "labels" in z.files else None,
                                              title=f"lap {lap}: imagined vs real (reality episode 0)"))
     (out / "table.txt").write_text(format_table(rows) + "\n")
     files.append(out / "table.txt")
@@ -163,6 +172,8 @@ def plot_sweep(summaries: dict[str, list[dict]], path: str | Path, title: str = 
             ax.fill_between(laps, s["mean"] - s["std"], s["mean"] + s["std"], alpha=0.15)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("lap")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        _log_scale_for_errors(ax, key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "compounding gain per setting")

@@ -41,6 +41,7 @@ def test_random_rollout_has_spec_shapes_no_nan_and_is_deterministic(backend, tas
     spec = eng.spec
     assert spec.state_size == spec.nq + spec.nv
     assert spec.joint_limits.shape == (spec.nq, 2)
+    assert len(spec.state_names) == spec.state_size and all(spec.state_names)
     assert spec.control_dt > 0
     actions = random_actions(spec, 200)
     traj = rollout(eng, 7, actions)
@@ -179,6 +180,10 @@ def test_scaled_parameters_change_the_dynamics():
     s = np.array([[np.pi, 0.0]])
     a = np.ones((1, 1))
     assert base.step(s, a)[0, 1] > heavy.step(s, a)[0, 1] > 0
+
+
+def test_state_names_follow_qpos_then_qvel():
+    assert engine("mujoco", "cartpole").spec.state_names == ("slider", "hinge", "slider vel", "hinge vel")
 
 
 def test_auto_picks_mujoco_on_a_cpu():

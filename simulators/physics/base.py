@@ -38,6 +38,7 @@ class EngineSpec:
     control_dt: float
     joint_limits: np.ndarray        # [nq, 2] (low, high); +-inf where unlimited
     observation_size: int
+    state_names: tuple[str, ...] = ()  # [S]: joint names for qpos, then "<joint> vel" for qvel
 
     @property
     def state_size(self) -> int:
@@ -87,6 +88,20 @@ def build_model(task: Task, params: dict | None = None) -> mujoco.MjModel:
     return model
 
 
+def state_names(model: mujoco.MjModel) -> tuple[str, ...]:
+    """Names of the state vector's entries: each joint's qpos coordinates, then its velocities."""
+    q, v = [""] * model.nq, [""] * model.nv
+    widths = {0: (7, 6), 1: (4, 3), 2: (1, 1), 3: (1, 1)}  # free, ball, slide, hinge
+    for j in range(model.njnt):
+        name = mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_JOINT, j) or f"joint{j}"
+        nq, nv = widths[int(model.jnt_type[j])]
+        for k in range(nq):
+            q[model.jnt_qposadr[j] + k] = name if nq == 1 else f"{name}[{k}]"
+        for k in range(nv):
+            v[model.jnt_dofadr[j] + k] = f"{name} vel" if nv == 1 else f"{name} vel[{k}]"
+    return tuple(q + v)
+
+
 def seed_of(key: Any) -> int:
     """An integer seed from an int, a numpy Generator or a JAX PRNG key."""
     if isinstance(key, (int, np.integer)):
@@ -119,7 +134,7 @@ class EngineBase:
             nq=m.nq, nv=m.nv, action_size=m.nu,
             action_low=m.actuator_ctrlrange[:, 0].copy(), action_high=m.actuator_ctrlrange[:, 1].copy(),
             control_dt=float(m.opt.timestep * task.n_substeps), joint_limits=limits,
-            observation_size=task.observation_size,
+            observation_size=task.observation_size, state_names=state_names(m),
         )
         self._pool: ThreadPoolExecutor | None = None
 
