@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export XLA_PYTHON_CLIENT_PREALLOCATE = false
 
-.PHONY: install run test bench lint proto clean
+.PHONY: install run test bench fidelity lint proto clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/physics.py
-	$(BIN)/python benchmarks/world_model.py
-	$(BIN)/python benchmarks/grading.py
-	$(BIN)/python benchmarks/service.py
-	$(BIN)/python benchmarks/policies.py
+	$(BIN)/python -m benchmarks.physics
+	$(BIN)/python -m benchmarks.world_model --threads 1
+	$(BIN)/python -m benchmarks.grading
+	$(BIN)/python -m benchmarks.service --engine mujoco
+	$(BIN)/python -m benchmarks.policies --runners 1 2 --envs 16
+
+fidelity: $(STAMP)
+	$(BIN)/python -m benchmarks.fidelity preset=fidelity
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
