@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
-
-import numpy as np
 
 from simulators.jax_setup import configure_jax
-from simulators.physics.base import EngineBase
+from simulators.physics.jax_engine import JaxEngine
 from simulators.tasks import Task
 
 jax = configure_jax()
-import jax.numpy as jnp
 from brax.generalized import pipeline
 from brax.io import mjcf
 
@@ -40,28 +36,13 @@ def _from_vector(sys, vec):
     return jax.vmap(lambda v: pipeline.init(sys, v[:nq], v[nq:]))(vec)
 
 
-class BraxEngine(EngineBase):
+class BraxEngine(JaxEngine):
     name = "brax"
+    pos_field, vel_field = "q", "qd"
+    _jit_step, _jit_from_vector = staticmethod(_step), staticmethod(_from_vector)
 
     def __init__(self, task: Task, params: dict | None = None):
         super().__init__(task, params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Brax's notice that MJX is its maintained successor
-            self.sys = mjcf.load_model(self.model)
-
-    def bare_step(self, state, act):
-        """The engine call alone: ``jax.vmap(pipeline.step)`` over ``n_substeps``, jitted."""
-        return _step(self.sys, state, act, self.task.n_substeps)
-
-    def reset(self, key: Any, n: int):
-        return self.from_vector(self.initial_vectors(key, n))
-
-    def step(self, state, action: np.ndarray):
-        a = self.check_actions(action, state.q.shape[0])
-        return self.bare_step(state, jnp.asarray(a, dtype=jnp.float32))
-
-    def to_vector(self, state) -> np.ndarray:
-        return np.concatenate([np.asarray(state.q), np.asarray(state.qd)], axis=1).astype(np.float64)
-
-    def from_vector(self, vec: np.ndarray):
-        return _from_vector(self.sys, jnp.asarray(self.check_vectors(vec), dtype=jnp.float32))
+            self.jax_model = self.sys = mjcf.load_model(self.model)

@@ -9,16 +9,12 @@ reuse the same compilation; JAX's persistent cache keeps it across processes.
 from __future__ import annotations
 
 import functools
-from typing import Any
-
-import numpy as np
 
 from simulators.jax_setup import configure_jax
-from simulators.physics.base import EngineBase
+from simulators.physics.jax_engine import JaxEngine
 from simulators.tasks import Task
 
 jax = configure_jax()
-import jax.numpy as jnp
 from mujoco import mjx
 
 
@@ -39,26 +35,10 @@ def _from_vector(mx, vec):
     return jax.vmap(lambda v: mjx.make_data(mx).replace(qpos=v[:nq], qvel=v[nq:]))(vec)
 
 
-class MjxEngine(EngineBase):
+class MjxEngine(JaxEngine):
     name = "mjx"
+    _jit_step, _jit_from_vector = staticmethod(_step), staticmethod(_from_vector)
 
     def __init__(self, task: Task, params: dict | None = None):
         super().__init__(task, params)
-        self.mx = mjx.put_model(self.model)
-
-    def bare_step(self, state, ctrl):
-        """The engine call alone: ``jax.vmap(mjx.step)`` over ``n_substeps``, jitted."""
-        return _step(self.mx, state, ctrl, self.task.n_substeps)
-
-    def reset(self, key: Any, n: int):
-        return self.from_vector(self.initial_vectors(key, n))
-
-    def step(self, state, action: np.ndarray):
-        a = self.check_actions(action, state.qpos.shape[0])
-        return self.bare_step(state, jnp.asarray(a, dtype=jnp.float32))
-
-    def to_vector(self, state) -> np.ndarray:
-        return np.concatenate([np.asarray(state.qpos), np.asarray(state.qvel)], axis=1).astype(np.float64)
-
-    def from_vector(self, vec: np.ndarray):
-        return _from_vector(self.mx, jnp.asarray(self.check_vectors(vec), dtype=jnp.float32))
+        self.jax_model = self.mx = mjx.put_model(self.model)
