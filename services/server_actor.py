@@ -19,8 +19,6 @@ import ray
 
 from services.config import ServerConfig
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class SimulatorServerActor:
