@@ -123,6 +123,23 @@ def test_mismatched_checkpoint_says_what_differs(tmp_path):
         WorldModel.load(path, task="pendulum", action_size=2)
 
 
+def test_load_with_config_checks_architecture_and_takes_fitting_settings(tmp_path, pendulum_data):
+    path = tmp_path / "wm.pt"
+    saved = WorldModelConfig(max_epochs=7, learning_rate=1e-3, **SMALL)
+    WorldModel("pendulum", 2, 1, saved).save(path)
+    run = WorldModelConfig(**{**SMALL, "max_epochs": 1, "learning_rate": 5e-4, "patience": 0, "batch_size": 128})
+    wm = WorldModel.load(path, task="pendulum", config=run)
+    assert wm.config == run
+    assert WorldModel.load(path).config == saved                    # without a config: the saved one
+    assert wm.fit(pendulum_data[1])["epochs"] == 1                  # the run's max_epochs, not the checkpoint's 7
+    with pytest.raises(ValueError, match=r"world_model.hidden_size 64 in the checkpoint vs 32 in the config"):
+        WorldModel.load(path, task="pendulum", config=WorldModelConfig(**{**SMALL, "hidden_size": 32}))
+    with pytest.raises(ValueError) as err:
+        WorldModel.load(path, config=WorldModelConfig(**{**SMALL, "ensemble_size": 2, "num_layers": 3}))
+    assert "world_model.ensemble_size 5 in the checkpoint vs 2" in str(err.value)
+    assert "world_model.num_layers 2 in the checkpoint vs 3" in str(err.value)
+
+
 def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     path = tmp_path / "wm.pt"
     WorldModel("pendulum", 2, 1, WorldModelConfig(**SMALL)).save(path)

@@ -59,8 +59,9 @@ def read_payload(path) -> dict:
     return payload
 
 
-def load_checkpoint(cls, path, task: str | Task | None, state_size: int | None, action_size: int | None):
-    from simulators.world_model.model import WorldModelConfig
+def load_checkpoint(cls, path, task: str | Task | None, state_size: int | None, action_size: int | None,
+                    config=None):
+    from simulators.world_model.model import ARCHITECTURE, WorldModelConfig
 
     p = read_payload(path)
     task = make_task(task if task is not None else p["task"])
@@ -75,9 +76,13 @@ def load_checkpoint(cls, path, task: str | Task | None, state_size: int | None, 
         if obs is not None and obs.shape[1] + p["action_size"] != p["in_features"]:
             diffs.append(f"input features {p['in_features']} in the checkpoint vs "
                          f"{obs.shape[1] + p['action_size']} for task {task.name!r}")
+    saved = WorldModelConfig.from_dict(dict(p["config"]))
+    if config is not None:
+        diffs += [f"world_model.{name} {getattr(saved, name)!r} in the checkpoint vs {getattr(config, name)!r} in the config"
+                  for name in ARCHITECTURE if getattr(saved, name) != getattr(config, name)]
     if diffs:
         raise ValueError(f"world-model checkpoint {path} does not match: " + "; ".join(diffs))
-    config = WorldModelConfig.from_dict(dict(p["config"]))
+    config = saved if config is None else config
     wm = cls(task, p["state_size"], p["action_size"], config)
     try:
         wm.net.load_state_dict(p["net"])

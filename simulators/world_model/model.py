@@ -7,7 +7,9 @@ Canonical use::
     mean, std = wm.predict(states, actions)        # next state: ensemble mean, total std
     s1 = wm.step(states, actions)                  # ensemble mean (numpy)
     traj = wm.imagine(s0, actions)                 # [B, H, S] open loop
-    wm.save(path); wm = WorldModel.load(path)
+    wm.save(path)
+    wm = WorldModel.load(path)                               # as saved, fitting settings included
+    wm = WorldModel.load(path, task, config=run_config)      # architecture checked, fitting settings from run_config
 
 Inputs are the task's observation features of the state (``task.observe``: angles as cos/sin, so
 raw angles that wind past +-pi do not confuse the network; a task's observation must therefore be
@@ -31,10 +33,15 @@ from simulators.dataset import TransitionDataset
 from simulators.tasks import Task, make_task
 from simulators.world_model.ensemble import GaussianEnsemble
 
+# The fields that shape the network: stored in a checkpoint and checked when it is loaded with a config.
+# The other fields (learning rate, batch size, epochs, patience, holdout, seed, device, threads) say how
+# to fit and where to run, and come from the config given to ``WorldModel.load``.
+ARCHITECTURE: tuple[str, ...] = ("ensemble_size", "hidden_size", "num_layers")
+
 
 @dataclass
 class WorldModelConfig:
-    """Hyper-parameters of the ensemble and its training."""
+    """Hyper-parameters of the ensemble (``ARCHITECTURE``) and of its fitting."""
 
     ensemble_size: int = 5
     hidden_size: int = 128
@@ -247,11 +254,16 @@ class WorldModel:
 
     @classmethod
     def load(cls, path, task: str | Task | None = None, state_size: int | None = None,
-             action_size: int | None = None) -> WorldModel:
-        """Load a checkpoint; a task/size mismatch or a corrupt file raises ``ValueError`` saying what is wrong."""
+             action_size: int | None = None, config: WorldModelConfig | None = None) -> WorldModel:
+        """Load a checkpoint; a task/size mismatch or a corrupt file raises ``ValueError`` saying what is wrong.
+
+        Without ``config`` the model keeps the config it was saved with. With ``config`` its
+        ``ARCHITECTURE`` fields must equal the checkpoint's (``ValueError`` names each that differs)
+        and every other field (how to fit, where to run) is taken from ``config``.
+        """
         from simulators.world_model.checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, path, task, state_size, action_size)
+        return load_checkpoint(cls, path, task, state_size, action_size, config)
 
     def config_dict(self) -> dict:
         return asdict(self.config)
