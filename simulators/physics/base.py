@@ -23,7 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import mujoco
 import numpy as np
 
-from simulators.tasks import PARAM_NAMES, Task
+from simulators.tasks import Task
+from simulators.tasks.base import check_params
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,8 @@ class PhysicsEngine(Protocol):
 
 def build_model(task: Task, params: dict | None = None) -> mujoco.MjModel:
     """Compile the task's MJCF and apply scaled parameters (mass, damping, actuator gain, friction)."""
-    params = dict(params or {})
-    unknown = set(params) - set(PARAM_NAMES)
-    if unknown:
-        raise ValueError(f"unknown physics parameter(s) {sorted(unknown)}; allowed: {', '.join(PARAM_NAMES)}")
-    for key, value in params.items():
-        if not (np.isfinite(value) and value >= 0):
-            raise ValueError(f"physics parameter {key}={value!r} must be a finite number >= 0")
+    scale = check_params(params)
     model = mujoco.MjModel.from_xml_string(task.xml)
-    scale = {k: float(params.get(k, 1.0)) for k in PARAM_NAMES}
     model.body_mass[:] *= scale["mass_scale"]
     model.body_inertia[:] *= scale["mass_scale"]
     model.dof_damping[:] *= scale["damping_scale"]

@@ -16,11 +16,29 @@ Canonical episode loop (what ``CorrectedSimulator`` and ``Reality`` do for a bat
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 PARAM_NAMES = ("mass_scale", "damping_scale", "gain_scale", "friction_scale")
+PARAM_MAX = 100.0   # physics scales lie in (0, PARAM_MAX]: 0 removes the physics, beyond it the MJCF is another model
+
+
+def check_params(params: Mapping[str, float] | None) -> dict[str, float]:
+    """Every physics scale (1.0 where not given) after checking names and ranges; ``ValueError`` names the bad one."""
+    params = dict(params or {})
+    unknown = set(params) - set(PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown physics parameter(s) {sorted(unknown)}; allowed: {', '.join(PARAM_NAMES)}")
+    out = {k: 1.0 for k in PARAM_NAMES}
+    for key, value in params.items():
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not (ok and 0.0 < value <= PARAM_MAX):
+            raise ValueError(f"physics parameter {key}={value!r} is out of range; allowed: a number > 0 and <= {PARAM_MAX:g}")
+        out[key] = float(value)
+    return out
 
 
 def tolerance(x: np.ndarray, bounds: tuple[float, float], margin: float, value_at_margin: float = 0.1) -> np.ndarray:
