@@ -3,50 +3,44 @@
     orch = Orchestrator.create(cfg)                 # or Orchestrator.resume(run_dir, overrides, force)
     result = orch.run()                             # laps 0 .. cfg.laps - 1, MLflow run FINISHED at the end
 
+The lap itself is ``flywheel.lap.run_lap``; the parts it uses (``LapParts``) are handed to the
+orchestrator (``flywheel.parts.real_parts()`` unless given), so the same loop runs real or fake parts.
+
 A run directory holds ``config.yaml`` (the resolved config), ``state.json`` (its hash),
 ``tracking.json`` (the MLflow run id), ``store/`` (trajectory store), ``checkpoints/``, ``report/``
 and ``laps/lap_NNN/metrics.json`` (the stages a lap finished and their metrics, written atomically
 after every stage). Resuming skips finished stages, reopens the same MLflow run and refuses a
-config whose hash differs unless forced. Simulator servers run in spawned processes, policy
-workers are RLlib EnvRunners on Ray (``ray.init`` on this machine's cores unless ``ray.address``).
+config whose hash differs unless forced.
+
+How a run ends is told truthfully: FINISHED; FAILED with the error's one-line summary as the
+``flywheel.error`` tag and its traceback as the ``error/traceback.txt`` artifact (and
+``<run_dir>/error.txt``); KILLED when stopped by SIGTERM or Ctrl-C (``RunStopped``). An unreachable
+tracking server is refused before the run directory is made.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel import lap as laps
 from flywheel.config import ConfigError, FlywheelConfig, config_diff, config_hash, load_config, save_config
-from flywheel.report import format_table, load_history, write_run_report
+from flywheel.lap import LapContext, LapParts, LapRecord, run_lap, write_json
+from flywheel.report import format_table, load_history
 from flywheel.store import TrajectoryStore
-from flywheel.tracking import Tracker, tracking_uri
-from simulators.dataset import atomic_write
+from flywheel.tracking import Tracker, check_reachable, tracking_uri
 
 
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=1, default=float).encode()
-    atomic_write(path, lambda f: f.write(text))
+class RunStopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM, SIGINT); it is marked KILLED."""
 
-
-@dataclass
-class LapRecord:
-    """What a lap has finished so far: stage names in order and their metrics."""
-
-    lap: int
-    stages: list[str] = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    logged: bool = False            # every metric is in (the log stage has started)
-
-    @classmethod
-    def load(cls, path: Path, lap: int) -> LapRecord:
-        return cls(**json.loads(path.read_text())) if path.exists() else cls(lap)
-
-    def save(self, path: Path) -> None:
-        _write_json(path, {"lap": self.lap, "stages": self.stages, "metrics": self.metrics, "logged": self.logged})
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 def default_run_dir(cfg: FlywheelConfig) -> Path:
@@ -58,8 +52,12 @@ class Orchestrator:
     """Runs laps for one run directory; create a fresh one or resume an existing one."""
 
     def __init__(self, cfg: FlywheelConfig, run_dir: Path, say: Callable[[str], None] = print,
-                 parent_run_id: str | None = None, run_name: str | None = None):
-        self.cfg, self.run_dir, self.say = cfg, Path(run_dir).resolve(), say
+                 parent_run_id: str | None = None, run_name: str | None = None, parts: LapParts | None = None):
+        if parts is None:
+            from flywheel.parts import real_parts
+
+            parts = real_parts()
+        self.cfg, self.run_dir, self.say, self.parts = cfg, Path(run_dir).resolve(), say, parts
         self.parent_run_id, self.run_name = parent_run_id, run_name
         self.store = TrajectoryStore(self.run_dir / "store")
         self.tracker: Tracker | None = None
@@ -71,10 +69,11 @@ class Orchestrator:
         run_dir = Path(run_dir or cfg.run_dir or default_run_dir(cfg)).resolve()
         if (run_dir / "state.json").exists():
             raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}")
+        check_reachable(tracking_uri(cfg))              # before anything is written
         cfg.run_dir = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        _write_json(run_dir / "state.json", {"config_hash": config_hash(cfg), "created": time.time()})
+        write_json(run_dir / "state.json", {"config_hash": config_hash(cfg), "created": time.time()})
         return cls(cfg, run_dir, **kw)
 
     @classmethod
@@ -95,25 +94,31 @@ class Orchestrator:
                                   + "\nrerun with --force to resume anyway")
             state["config_hash"] = config_hash(cfg)
             state.setdefault("forced", []).append({"time": time.time(), "diff": diff})
+        check_reachable(tracking_uri(cfg))
         cfg.run_dir = str(run_dir)
         save_config(cfg, run_dir / "config.yaml")
-        _write_json(state_path, state)
+        write_json(state_path, state)
         return cls(cfg, run_dir, **kw)
+
 
     # -- running -------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Run (or finish) every lap; returns the per-lap metric rows."""
+        """Run (or finish) every lap; returns the per-lap metric rows. The MLflow run ends as it really ended."""
         self.tracker = Tracker.open(self.cfg, self.run_dir, run_name=self.run_name, parent_run_id=self.parent_run_id)
         self.banner("start")
         try:
-            init_ray(self.cfg)
-            for lap in range(self.cfg.laps):
-                self.run_lap(lap)
-        except KeyboardInterrupt:
+            self.parts.start(self.cfg)
+            with stop_on_signals():                       # installed after Ray's own handler, replacing it
+                for lap in range(self.cfg.laps):
+                    self.run_lap(lap)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self.tracker.set_tag("flywheel.stopped", str(exc) or type(exc).__name__)
             self.tracker.finish("KILLED")
+            if isinstance(exc, SystemExit):
+                raise RunStopped(signal.SIGTERM) from exc   # a library's handler turned a signal into an exit
             raise
-        except BaseException:
-            self.tracker.finish("FAILED")
+        except BaseException as exc:
+            self.record_failure(exc)
             raise
         rows = load_history(self.run_dir)
         self.tracker.finish("FINISHED")
@@ -121,58 +126,48 @@ class Orchestrator:
         self.banner("end")
         return rows
 
+    def record_failure(self, exc: BaseException) -> None:
+        """FAILED on MLflow, with the one-line cause as a tag and the traceback as an artifact and a file."""
+        text = "".join(traceback.format_exception(exc))
+        (self.run_dir / "error.txt").write_text(text)
+        try:
+            self.tracker.set_tag("flywheel.error", one_line(exc)[:5000])
+            self.tracker.client.log_text(self.tracker.run_id, text, "error/traceback.txt")
+        finally:
+            self.tracker.finish("FAILED")
+
     def banner(self, when: str) -> None:
         self.say(f"[{when}] run dir: {self.run_dir}  tracking: {tracking_uri(self.cfg)}  "
                  f"mlflow run: {self.tracker.run_id}")
 
+    def context(self, lap: int) -> LapContext:
+        return LapContext(self.cfg, self.run_dir, self.store, lap, say=lambda m: self.say(f"  lap {lap} | {m}"),
+                          tracker=self.tracker)
+
     def run_lap(self, lap: int) -> LapRecord:
-        ctx = laps.LapContext(self.cfg, self.run_dir, self.store, lap, say=lambda m: self.say(f"  lap {lap} | {m}"))
-        path = ctx.lap_dir / "metrics.json"
-        rec = LapRecord.load(path, lap)
-        stages = [s for s in laps.STAGES if s != "seed" or lap == 0]
-        for stage in stages:
-            if stage in rec.stages:
-                continue
-            self.say(f"lap {lap}/{self.cfg.laps - 1} | {stage}")
-            t0 = time.time()
-            if stage == "self_play":
-                with laps.serve(ctx) as addresses:
-                    t1 = time.time()
-                    metrics = laps.self_play(ctx, addresses)
-                    t2 = time.time()
-                metrics["time/serve"] = (t1 - t0) + (time.time() - t2)
-                metrics["time/self_play"] = t2 - t1
-            elif stage == "log":
-                metrics = self.log(ctx, rec, path)
-            else:
-                metrics = getattr(laps, stage)(ctx)
-                metrics[f"time/{stage}"] = time.time() - t0
-            rec.metrics.update(metrics)
-            rec.stages.append(stage)
-            rec.save(path)
-        return rec
-
-    def log(self, ctx: laps.LapContext, rec: LapRecord, path: Path) -> dict:
-        """Every metric with ``step=lap``, the report PNGs and the lap's checkpoints as MLflow artifacts."""
-        t0 = time.time()
-        rec.metrics["lap/seconds"] = sum(v for k, v in rec.metrics.items() if k.startswith("time/"))
-        rec.logged = True
-        rec.save(path)
-        files = write_run_report(self.run_dir)
-        rec.metrics["time/log"] = time.time() - t0
-        n = self.tracker.log_metrics(rec.metrics, step=ctx.lap)
-        for f in files:
-            self.tracker.log_artifact(f, f"report/lap_{ctx.lap:03d}")
-        for f in (ctx.wm_path(ctx.lap), ctx.policy_path(ctx.lap), ctx.wm_path(None) if ctx.lap == 0 else None):
-            if f is not None:
-                self.tracker.log_artifact(f, f"checkpoints/lap_{ctx.lap:03d}")
-        self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
-        ctx.say(f"log: {n} metrics at step {ctx.lap}; lap took {rec.metrics['lap/seconds']:.0f} s")
-        return {"time/log": rec.metrics["time/log"]}
+        return run_lap(self.context(lap), self.parts, progress=self.say)
 
 
-def init_ray(cfg: FlywheelConfig) -> None:
-    """``ray.init`` once per process: the configured cluster, or this machine's cores."""
-    from policies.rllib_adapter import init_ray as init
+def one_line(exc: BaseException) -> str:
+    """An exception as one readable line: its message's first line, or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
-    init(cfg.ray.num_cpus, cfg.ray.address, cfg.ray.include_dashboard)
+
+class stop_on_signals:
+    """While active, SIGTERM and SIGINT raise ``RunStopped`` in the main thread (replacing Ray's exit handler)."""
+
+    def __enter__(self) -> stop_on_signals:
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.saved[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame) -> None:
+        raise RunStopped(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flywheel.config import ConfigError, load_config
+from flywheel.lap import LapParts
 from flywheel.orchestrator import Orchestrator
 from flywheel.report import format_sweep_table, load_history, plot_sweep, sweep_summary
-from flywheel.tracking import Tracker
+from flywheel.tracking import Tracker, check_reachable, tracking_uri
 from simulators.dataset import atomic_write
 
 REPORT_METRICS = ("capability/success_rate", "world_model/open_loop_error", "capability/return")
@@ -62,7 +63,7 @@ def slug(setting: list[str]) -> str:
 
 
 def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, sweep_dir: str | Path | None = None,
-              say: Callable[[str], None] = print) -> Path:
+              say: Callable[[str], None] = print, parts: LapParts | None = None) -> Path:
     """Run every (setting, seed) as a child run of one parent run; returns the sweep directory."""
     if seeds < 1:
         raise ConfigError(f"--seeds is {seeds}; allowed: an integer >= 1")
@@ -74,6 +75,7 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, swee
             load_config(child_overrides)                       # every setting is valid before anything starts
             children.append({"setting": " ".join(setting), "seed": base.seed + k, "overrides": child_overrides,
                              "dir": f"{slug(setting)}-seed{base.seed + k}"})
+    check_reachable(tracking_uri(base))
     sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = {"overrides": overrides, "grid": grid, "seeds": seeds, "children": children}
@@ -85,7 +87,8 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, swee
         for i, child in enumerate(children):
             say(f"[sweep] run {i + 1}/{len(children)}: {child['setting']} seed {child['seed']}")
             run_dir = sweep_dir / child["dir"]
-            kw = {"say": say, "parent_run_id": parent.run_id, "run_name": f"{child['setting']} seed {child['seed']}"}
+            kw = {"say": say, "parts": parts, "parent_run_id": parent.run_id,
+                  "run_name": f"{child['setting']} seed {child['seed']}"}
             if (run_dir / "state.json").exists():
                 orch = Orchestrator.resume(run_dir, child["overrides"], **kw)
             else:
@@ -95,6 +98,9 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, swee
         for f in files:
             parent.log_artifact(f, "report")
         _log_summary(parent, sweep_dir)
+    except (KeyboardInterrupt, SystemExit):
+        parent.finish("KILLED")
+        raise
     except BaseException:
         parent.finish("FAILED")
         raise

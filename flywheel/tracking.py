@@ -4,7 +4,9 @@ The default store is SQLite in the runs folder (``sqlite:///<runs_root>/mlflow.d
 local runs, so one ``mlflow ui --backend-store-uri ...`` shows them all) with artifacts under
 ``<runs_root>/mlartifacts``; any tracking URI works. The run id is persisted in the run directory
 (``tracking.json``) so a resume reopens the same MLflow run. A run that ends by an exception is
-marked FAILED; a run killed outright stays RUNNING until it is resumed (and is then reopened).
+marked FAILED, one stopped by a signal KILLED; a run killed outright (SIGKILL) stays RUNNING until it
+is resumed (and is then reopened). An HTTP tracking server is probed (``check_reachable``) before a
+run directory is made.
 A sweep is a parent run whose children carry the ``mlflow.parentRunId`` tag.
 """
 
@@ -20,6 +22,26 @@ from flywheel.config import ConfigError, FlywheelConfig, to_container, to_yaml
 from simulators.dataset import atomic_write
 
 RUN_FILE = "tracking.json"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """``ConfigError`` within ``timeout_s`` if an HTTP tracking server does not answer (other stores: no check)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            if reply.status >= 400:
+                raise ConfigError(f"tracking server {uri} answered {reply.status} at {url}")
+    except urllib.error.HTTPError as exc:
+        raise ConfigError(f"tracking server {uri} answered {exc.code} at {url}; is it an MLflow server?") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"tracking server {uri} is unreachable ({reason}); start it or set tracking.uri "
+                          f"(null = the local SQLite store)") from None
 
 
 def default_uri(runs_root: str | Path) -> str:
@@ -150,7 +172,9 @@ def experiment_id(client, name: str, runs_root: str | Path) -> str:
 
 
 def quiet_mlflow() -> None:
-    """Silence MLflow's database-migration chatter on the first use of a store."""
+    """Silence MLflow's database-migration chatter; bound its HTTP retries so a lost server fails in seconds."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.WARNING)

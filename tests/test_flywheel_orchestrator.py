@@ -1,18 +1,24 @@
-"""Orchestrator bookkeeping on fast fakes for serve/self-play/evaluate (real seed, select, retrain, MLflow).
+"""The lap loop and the orchestrator's bookkeeping, with fast fake parts handed in (real seed, select,
+retrain, world-model fit, store and MLflow).
 
-The real end-to-end path (gRPC servers, RLlib, reality evaluation, a process kill) is in
-``tests/test_flywheel_e2e.py``; here a failing stage and a resume are exercised in seconds.
+The real parts (gRPC servers, RLlib, reality evaluation) and real process kills are in
+``tests/test_flywheel_e2e.py`` and ``tests/test_flywheel_faults.py``; here failures, stops and resumes
+of the loop itself are exercised in seconds.
 """
 
 import contextlib
 import json
+import os
+import signal
+import socket
 
 import numpy as np
 import pytest
 
-from flywheel import lap as laps
 from flywheel.config import ConfigError, load_config
-from flywheel.orchestrator import Orchestrator
+from flywheel.lap import EPISODE_STRIDE, LapParts, Served
+from flywheel.orchestrator import Orchestrator, RunStopped
+from flywheel.parts import fit_world_model
 from flywheel.tracking import Tracker
 from simulators.dataset import SOURCE_SIM
 
@@ -24,30 +30,69 @@ class Boom(RuntimeError):
     pass
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    """Replace the RLlib/gRPC stages: self-play writes a raw shard like the server's recorder would."""
-    calls = {"self_play": 0, "evaluate": 0, "fail_at": None}
+class FakePolicy:
+    def save(self, path):
+        open(path, "wb").write(b"policy")
 
-    @contextlib.contextmanager
-    def serve(ctx):
-        ctx.store.clear_raw(ctx.lap)
-        yield ["127.0.0.1:1"]
 
-    def self_play(ctx, addresses):
-        calls["self_play"] += 1
+class FakeTrainer:
+    """Samples by copying the seed data into the lap's raw recordings, as a server's recorder would."""
+
+    def __init__(self, ctx, calls):
+        self.ctx, self.calls, self.digest = ctx, calls, "fresh"
+
+    def restore(self, path):
+        self.calls["restored"].append(os.path.basename(path))
+        self.digest = open(os.path.join(path, "digest")).read()
+
+    def weights_digest(self):
+        return self.digest
+
+    def runner_digests(self):
+        return [self.digest] if self.calls["runner_digest"] is None else [self.calls["runner_digest"]]
+
+    def train_budget(self, budget, progress=None):
+        ctx = self.ctx
+        self.calls["self_play"] += 1
+        if self.calls["signal_at"] == ctx.lap:
+            os.kill(os.getpid(), signal.SIGTERM)
         data = ctx.store.load(kind="seed")
         data = data.select(np.arange(len(data)))
-        data.episode_ids = data.episode_ids + (ctx.lap + 1) * laps.EPISODE_STRIDE
+        data.episode_ids = data.episode_ids + (ctx.lap + 1) * EPISODE_STRIDE
         data.source[:] = SOURCE_SIM
         data.success[:] = data.dones                          # every episode "succeeds"
         n = len(data)
         data.rewards = {"task": np.full(n, 0.5, np.float32), "imagination": np.full(n, 0.8, np.float32),
                         "physics": np.full(n, -0.1, np.float32), "total": np.full(n, 0.9, np.float32)}
         data.save(ctx.store.raw_dir(ctx.lap) / "session-0.npz")
-        ctx.policy_path(ctx.lap).parent.mkdir(parents=True, exist_ok=True)
-        ctx.policy_path(ctx.lap).write_bytes(b"policy")
-        return {"self_play/env_steps": float(n)}
+        self.calls["served"] = n
+        steps = budget if self.calls["short_by"] is None else budget - self.calls["short_by"]
+        self.digest = f"lap{ctx.lap}"
+        return [{"iteration": 1, "env_steps_this_iter": steps, "env_steps_total": steps, "episode_return_mean": 1.0}]
+
+    def save(self, path):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "digest"), "w").write(self.digest)
+
+    def policy(self):
+        return FakePolicy()
+
+    def stop(self):
+        pass
+
+
+@pytest.fixture
+def fakes():
+    """Fake servers, trainer and evaluation; the real world-model fit. ``calls`` steers and records them."""
+    calls = {"self_play": 0, "evaluate": 0, "fail_at": None, "signal_at": None, "short_by": None, "stored": None,
+             "runner_digest": None, "restored": [], "served": 0}
+
+    @contextlib.contextmanager
+    def serve(ctx):
+        served = Served(["127.0.0.1:1"])
+        yield served
+        n = calls["served"]
+        served.report = {"served": n, "stored": n if calls["stored"] is None else calls["stored"], "shards": 1}
 
     def evaluate(ctx):
         calls["evaluate"] += 1
@@ -57,37 +102,52 @@ def fakes(monkeypatch):
                 "world_model/one_step_error": 0.1, "world_model/open_loop_error": 0.2,
                 "imagination/accuracy": 0.7, "physics/violation_rate": 0.05}
 
-    monkeypatch.setattr(laps, "serve", serve)
-    monkeypatch.setattr(laps, "self_play", self_play)
-    monkeypatch.setattr(laps, "evaluate", evaluate)
-    monkeypatch.setattr("flywheel.orchestrator.init_ray", lambda cfg: None)
+    calls["parts"] = LapParts(start=lambda cfg: None, serve=serve, trainer=lambda ctx, addresses: FakeTrainer(ctx, calls),
+                              fit_world_model=fit_world_model, evaluate=evaluate)
     return calls
 
 
-def test_failed_stage_marks_run_failed_and_resume_finishes_it_once(tmp_path, fakes):
-    cfg = load_config([*TINY, f"runs_root={tmp_path}"])
+def make(tmp_path, fakes, *overrides, run="run"):
+    cfg = load_config([*TINY, f"runs_root={tmp_path}", *overrides])
+    return Orchestrator.create(cfg, tmp_path / run, say=lambda m: None, parts=fakes["parts"])
+
+
+def status(orch):
+    run = orch.tracker.client.get_run(orch.tracker.run_id)
+    return run.info.status, run.data.tags
+
+
+def test_failed_stage_marks_run_failed_with_its_error_and_resume_finishes_it_once(tmp_path, fakes):
     run_dir = tmp_path / "run"
     fakes["fail_at"] = 1
-    orch = Orchestrator.create(cfg, run_dir, say=lambda m: None)
-    with pytest.raises(Boom):
+    orch = make(tmp_path, fakes)
+    with pytest.raises(Exception, match="lap 1 evaluate failed: Boom: reality went away"):
         orch.run()
     run_id = orch.tracker.run_id
-    assert orch.tracker.client.get_run(run_id).info.status == "FAILED"
+    state, tags = status(orch)
+    assert state == "FAILED" and tags["flywheel.error"] == "lap 1 evaluate failed: Boom: reality went away"
+    trace = orch.tracker.client.download_artifacts(run_id, "error/traceback.txt", str(tmp_path))
+    assert "Boom: reality went away" in open(trace).read() and "Traceback" in open(trace).read()
+    assert "reality went away" in (run_dir / "error.txt").read_text()
     lap1 = json.loads((run_dir / "laps/lap_001/metrics.json").read_text())
     assert lap1["stages"] == ["self_play", "select", "retrain"]        # evaluate failed after these
     fakes["fail_at"] = None
 
     with pytest.raises(ConfigError, match="simulator.fidelity"):
         Orchestrator.resume(run_dir, ["simulator.fidelity=0.0"])
-    resumed = Orchestrator.resume(run_dir, say=lambda m: None)
+    resumed = Orchestrator.resume(run_dir, say=lambda m: None, parts=fakes["parts"])
     rows = resumed.run()
     assert resumed.tracker.run_id == run_id
     assert resumed.tracker.client.get_run(run_id).info.status == "FINISHED"
     assert fakes["self_play"] == 3 and fakes["evaluate"] == 1 + 1 + 2   # lap 1's self-play was not redone
+    assert fakes["restored"] == ["policy_lap000", "policy_lap001"]      # every lap starts from the last one
+    carried = [json.loads((run_dir / f"laps/lap_{k:03d}/policy.json").read_text()) for k in range(3)]
+    assert [c["start_digest"] for c in carried] == ["fresh", "lap0", "lap1"]
     assert [r["lap"] for r in rows] == [0, 1, 2]
     tracker = Tracker.attach(run_dir)
     for key in ("capability/success_rate", "data/selected_trajectories", "data/total_transitions", "lap/seconds",
-                "reward/imagination", "time/self_play", "time/retrain"):
+                "reward/imagination", "time/self_play", "time/retrain", "self_play/env_steps",
+                "data/stored_transitions"):
         assert [s for s, _ in tracker.metric_history(key)] == [0, 1, 2], key
     entries = [(e.lap, e.kind) for e in resumed.store.entries()]
     assert entries == [(0, "seed"), (0, "selected"), (1, "selected"), (2, "selected")]
@@ -98,24 +158,79 @@ def test_failed_stage_marks_run_failed_and_resume_finishes_it_once(tmp_path, fak
     assert arts == {"checkpoints/lap_002/wm_lap002.pt", "checkpoints/lap_002/policy_lap002.pt"}
 
 
+def test_sigterm_mid_lap_ends_the_run_killed_and_resume_redoes_only_that_stage(tmp_path, fakes):
+    fakes["signal_at"] = 1
+    orch = make(tmp_path, fakes)
+    with pytest.raises(RunStopped, match="SIGTERM"):
+        orch.run()
+    state, tags = status(orch)
+    assert state == "KILLED" and tags["flywheel.stopped"] == "stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is not None and not (tmp_path / "run" / "error.txt").exists()
+    assert not (tmp_path / "run/laps/lap_001/metrics.json").exists()      # no stage of lap 1 finished
+    fakes["signal_at"] = None
+    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+    assert [r["lap"] for r in resumed.run()] == [0, 1, 2]
+    assert status(resumed)[0] == "FINISHED"
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("short_by", r"lap 0 self_play failed: LapFailed: self-play sampled \d+ of its \d+ env steps"),
+    ("stored", r"lap 0 self_play failed: LapFailed: self-play sampled \d+ env steps but the servers stored none"),
+    ("runner_digest", r"lap 0 self_play failed: LapFailed: EnvRunner weights \['stale'\] differ from the learner's"),
+])
+def test_self_play_that_cannot_be_trusted_fails_the_lap(tmp_path, fakes, fault, message):
+    fakes[fault] = {"short_by": 1, "stored": 0, "runner_digest": "stale"}[fault]
+    orch = make(tmp_path, fakes)
+    with pytest.raises(Exception, match=message):
+        orch.run()
+    state, tags = status(orch)
+    assert state == "FAILED" and "self_play failed" in tags["flywheel.error"]
+    assert orch.tracker.metric_history("self_play/env_steps") == []       # the lap is never logged
+
+
+def test_a_missing_previous_policy_is_an_error_not_a_fresh_start(tmp_path, fakes):
+    fakes["fail_at"] = 1
+    orch = make(tmp_path, fakes)
+    with pytest.raises(Exception, match="Boom"):
+        orch.run()
+    for name in ("policy_lap001", "policy_lap000"):
+        for p in (tmp_path / "run/checkpoints" / name).iterdir():
+            p.unlink()
+        (tmp_path / "run/checkpoints" / name).rmdir()
+    fakes["fail_at"] = None
+    resumed = Orchestrator.resume(tmp_path / "run", ["laps=3"], say=lambda m: None, parts=fakes["parts"])
+    with pytest.raises(Exception, match=r"lap 2 self_play failed: .*policy_lap001 is missing"):
+        resumed.run()
+    assert status(resumed)[0] == "FAILED"
+
+
+def test_unreachable_tracking_server_fails_fast_before_a_run_directory_exists(tmp_path, fakes):
+    with socket.socket() as s:                     # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"tracking server http://127.0.0.1:{port} is unreachable"):
+        make(tmp_path, fakes, f"tracking.uri=http://127.0.0.1:{port}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_new_run_refuses_an_existing_run_dir_and_more_laps_resume(tmp_path, fakes):
-    cfg = load_config([*TINY, "laps=1", f"runs_root={tmp_path}"])
-    orch = Orchestrator.create(cfg, tmp_path / "run", say=lambda m: None)
+    orch = make(tmp_path, fakes, "laps=1")
     orch.run()
     with pytest.raises(ConfigError, match="--resume"):
         Orchestrator.create(load_config([*TINY, f"runs_root={tmp_path}"]), tmp_path / "run")
-    more = Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None)   # the lap count may grow
+    more = Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
     assert [r["lap"] for r in more.run()] == [0, 1]
-    forced = Orchestrator.resume(tmp_path / "run", ["selection.require_success=false"], force=True)
+    forced = Orchestrator.resume(tmp_path / "run", ["selection.require_success=false"], force=True,
+                                 parts=fakes["parts"])
     assert forced.cfg.selection.require_success is False
 
 
 def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
-    from flywheel.sweep import parse_grid, run_sweep
+    from flywheel import sweep as sweeps
 
     lines = []
-    sweep_dir = run_sweep([*TINY, "laps=2", f"runs_root={tmp_path}"], parse_grid(["simulator.fidelity=0,1"]), seeds=1,
-                          sweep_dir=tmp_path / "sweep", say=lines.append)
+    sweep_dir = sweeps.run_sweep([*TINY, "laps=2", f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=0,1"]),
+                                 seeds=1, sweep_dir=tmp_path / "sweep", say=lines.append, parts=fakes["parts"])
     parent = Tracker.attach(sweep_dir)
     client = parent.client
     run = client.get_run(parent.run_id)
@@ -129,5 +244,6 @@ def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
         "report/sweep_table.txt", "report/compounding.png"}
     assert [s for s, _ in parent.metric_history("sweep/simulator.fidelity_1/success_rate")] == [0, 1]
     with pytest.raises(ConfigError, match="simulator.fidelity"):
-        run_sweep([*TINY, f"runs_root={tmp_path}"], parse_grid(["simulator.fidelity=0,3"]), 1, tmp_path / "bad")
+        sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=0,3"]), 1,
+                         tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

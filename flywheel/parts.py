@@ -1,0 +1,125 @@
+"""The real parts of a lap: Ray, simulator-server actors, RLlib PPO, the torch world model, reality.
+
+``real_parts()`` is what ``flywheel run`` uses; tests hand ``Orchestrator`` a ``LapParts`` of their own
+(fakes for speed, or these real ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from flywheel.config import FlywheelConfig
+from flywheel.lap import EPISODE_STRIDE, LapContext, LapParts, Served
+
+
+def init_ray(cfg: FlywheelConfig) -> None:
+    """``ray.init`` once per process: the configured cluster, or this machine's cores."""
+    from policies.rllib_adapter import init_ray as init
+
+    init(cfg.ray.num_cpus, cfg.ray.address, cfg.ray.include_dashboard)
+
+
+@contextlib.contextmanager
+def ray_servers(ctx: LapContext) -> Iterator[Served]:
+    """Simulator servers as Ray actors serving the latest world model and recording into the store."""
+    from services.server_actor import start_server_actors, stop_server_actors
+
+    cfg = ctx.cfg
+    configs = [replace(cfg.service, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
+                       world_model_path=str(ctx.wm_path(ctx.lap - 1)), trajectory_dir=str(ctx.store.raw_dir(ctx.lap)),
+                       lap=ctx.lap, episode_offset=(ctx.lap + 1) * EPISODE_STRIDE + i * (EPISODE_STRIDE // 16),
+                       seed=cfg.seed, reward=cfg.rewards)
+               for i in range(cfg.self_play.num_servers)]
+    init_ray(cfg)
+    actors, addresses = start_server_actors(configs)
+    served = Served(list(addresses))
+    stopped = False
+    try:
+        yield served
+        stopped = True
+        served.report = stop_server_actors(actors)     # raises RecordingError if a recorder lost data
+    finally:
+        if not stopped:
+            with contextlib.suppress(Exception):        # the body's error is the one to report
+                stop_server_actors(actors)
+
+
+def rllib_trainer(ctx: LapContext, addresses: list[str]):
+    """RLlib PPO whose EnvRunners step the served simulator."""
+    from policies.config import EnvConfig
+    from policies.rllib_adapter import PolicyTrainer
+
+    cfg = ctx.cfg
+    env = EnvConfig(task=cfg.task, addresses=list(addresses), fidelity=cfg.simulator.fidelity, mode=cfg.simulator.mode,
+                    horizon=cfg.simulator.horizon, reward_weights=vars(cfg.rewards.weights), seed=cfg.seed + ctx.lap)
+    return PolicyTrainer(replace(cfg.ppo, seed=cfg.seed), env)
+
+
+def fit_world_model(ctx: LapContext, data, init: Path | None):
+    """A world model fitted on ``data``: new (``init=None``) or warm-started from checkpoint ``init``.
+
+    The architecture comes from the checkpoint (checked against the run's config); the fitting
+    settings always come from the run's config.
+    """
+    from simulators.world_model import WorldModel
+
+    cfg = ctx.cfg.world_model
+    if init is None:
+        wm = WorldModel(ctx.cfg.task, data.states.shape[1], data.actions.shape[1], replace(cfg, seed=ctx.cfg.seed))
+    else:
+        wm = WorldModel.load(init, task=ctx.cfg.task, config=replace(cfg, seed=ctx.cfg.seed))
+    return wm, wm.fit(data)
+
+
+def evaluate_in_reality(ctx: LapContext) -> dict:
+    """Capability in reality: the policy's success and return; the world model's errors on reality data."""
+    import rewards
+    from policies.evaluate import evaluate as evaluate_policy
+    from policies.torch_policy import TorchPolicy
+    from simulators.dataset import SOURCE_REALITY
+    from simulators.reality import episodes_to_dataset
+    from simulators.world_model import WorldModel, one_step_error, open_loop_error
+
+    cfg, H = ctx.cfg, ctx.cfg.simulator.horizon
+    reality = ctx.reality()
+    policy = TorchPolicy.load(str(ctx.policy_path(ctx.lap)))
+    wm = WorldModel.load(ctx.wm_path(ctx.lap), task=cfg.task)
+    eval_seed = cfg.seed + 1_000_003             # the same reality episodes every lap
+    ev = evaluate_policy(policy, reality, episodes=cfg.reality.eval_episodes, seed=eval_seed)
+    ep = reality.rollout(policy, n_envs=min(16, cfg.reality.eval_episodes), seed=eval_seed)
+    data = episodes_to_dataset(ep, 0, ctx.lap, SOURCE_REALITY, cfg.task)
+    # the agent's imagination in reality: tumbling H-step windows of the policy's real episodes
+    B, T, S = ep.states.shape[0], ep.actions.shape[1], ep.states.shape[2]
+    k = T // H
+    starts = ep.states[:, : k * H: H]                                       # [B, k, S]
+    acts = ep.actions[:, : k * H].reshape(B, k, H, -1)
+    actual = ep.states[:, 1: k * H + 1].reshape(B, k, H, S)
+    imagined = wm.imagine(starts.reshape(B * k, S), acts.reshape(B * k, H, -1))
+    accuracy = rewards.imagination_accuracy(imagined, actual.reshape(B * k, H, S), wm.state_scale)
+    engine = reality.engine                      # the agent's imagination is checked against reality's physics
+    report = rewards.physics_violation(engine, starts.reshape(B * k, S), acts.reshape(B * k, H, -1), imagined,
+                                       cfg.rewards, scale=wm.state_scale)
+    real0 = ep.states[0, : k * H + 1]
+    imag0 = np.concatenate([ep.states[0, :1], imagined.reshape(B, k * H, S)[0]])
+    ctx.lap_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(ctx.lap_dir / "trajectory.npz", real=real0, imagined=imag0, dt=engine.spec.control_dt, horizon=H,
+             labels=np.array(engine.spec.state_names))
+    ctx.say(f"evaluate: success {ev['success_rate']:.2f}, return {ev['return_mean']:.1f} over {ev['episodes']} "
+            f"reality episodes")
+    return {"capability/success_rate": ev["success_rate"], "capability/return": ev["return_mean"],
+            "capability/return_std": ev["return_std"],
+            "world_model/one_step_error": one_step_error(wm, data),
+            "world_model/open_loop_error": open_loop_error(wm, data, horizon=H)["open_loop_mse"],
+            "imagination/accuracy": float(np.mean(accuracy)),
+            "physics/violation_rate": float(np.mean(report.violates))}
+
+
+def real_parts() -> LapParts:
+    """Ray actors, RLlib PPO, the torch world model and reality."""
+    return LapParts(start=init_ray, serve=ray_servers, trainer=rllib_trainer, fit_world_model=fit_world_model,
+                    evaluate=evaluate_in_reality)

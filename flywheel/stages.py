@@ -1,0 +1,158 @@
+"""The bodies of a lap's stages (the order lives in ``flywheel.lap.run_lap``).
+
+Each takes the ``LapContext`` (and the ``LapParts`` it uses), reads its inputs from the run
+directory and returns its metrics. What a stage cannot vouch for is a ``LapFailed``: a self-play
+that sampled less than its budget or whose servers lost recordings, a missing previous policy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from flywheel.lap import LapContext, LapFailed, LapParts, LapRecord, write_json
+from flywheel.selection import select_episodes
+
+
+# -- seed ---------------------------------------------------------------------------------------
+def seed(ctx: LapContext, parts: LapParts) -> dict:
+    """Random-policy data from reality and the first world model trained on it."""
+    from simulators.reality import RandomPolicy
+
+    cfg = ctx.cfg
+    reality = ctx.reality()
+    policy = RandomPolicy(reality.spec, cfg.reality.seed_action_scale, seed=cfg.seed)
+    data = reality.collect(policy, n_steps=cfg.reality.seed_steps, n_envs=cfg.reality.seed_envs, seed=cfg.seed, lap=0)
+    ctx.store.add(0, "seed", data)
+    ctx.say(f"seed: {len(data)} reality transitions ({int(data.dones.sum())} episodes)")
+    wm, fit = parts.fit_world_model(ctx, data, None)
+    wm.save(ctx.wm_path(None))
+    return {"data/seed_transitions": len(data), **{f"world_model/seed_{k}": v for k, v in scalars(fit).items()}}
+
+
+# -- self_play ----------------------------------------------------------------------------------
+def self_play_budget(ctx: LapContext) -> int:
+    """Env steps a lap's self-play must sample: iterations x the PPO batch."""
+    return int(ctx.cfg.self_play.iterations) * int(ctx.cfg.ppo.train_batch_size)
+
+
+def self_play(ctx: LapContext, parts: LapParts) -> dict:
+    """PPO in the served simulator from the previous lap's policy, until the lap's step budget is sampled."""
+    budget = self_play_budget(ctx)
+    ctx.store.clear_raw(ctx.lap)                               # a restarted self-play stage records afresh
+    t0 = time.time()
+    with parts.serve(ctx) as served:
+        ctx.say(f"serve: {len(served.addresses)} simulator server(s) at {', '.join(served.addresses)}")
+        t1 = time.time()
+        trainer = parts.trainer(ctx, served.addresses)
+        try:
+            carried = _carry_policy(ctx, trainer)
+            history = trainer.train_budget(budget, progress=lambda m: ctx.say(
+                f"self_play: iteration {m['iteration']}, {m['env_steps_total']}/{budget} steps, "
+                f"return {m['episode_return_mean']:.1f}"))
+            carried["end_digest"] = trainer.weights_digest()
+            trainer.save(str(ctx.policy_path(ctx.lap, trainer=True)))      # atomic, with a digest manifest
+            trainer.policy().save(str(ctx.policy_path(ctx.lap)))
+        finally:
+            trainer.stop()
+        t2 = time.time()
+    write_json(ctx.lap_dir / "policy.json", carried)
+    steps = int(sum(h["env_steps_this_iter"] for h in history))
+    if steps < budget:
+        raise LapFailed(f"self-play sampled {steps} of its {budget} env steps")
+    report = served.report
+    if report.get("stored", 0) <= 0:
+        raise LapFailed(f"self-play sampled {steps} env steps but the servers stored none "
+                        f"({report.get('served', 0)} served); the lap has no data to select from")
+    last = history[-1]
+    return {"self_play/env_steps": float(steps), "self_play/iterations": float(len(history)),
+            "self_play/episode_return_mean": float(last.get("episode_return_mean", np.nan)),
+            "self_play/success_rate": float(last.get("success_rate", np.nan)),
+            "self_play/runner_restarts": float(sum(h.get("runner_restarts", 0) for h in history)),
+            "data/served_transitions": float(report.get("served", 0)),
+            "data/stored_transitions": float(report.get("stored", 0)),
+            "data/lost_transitions": float(max(0, report.get("served", 0) - report.get("stored", 0))),
+            "time/serve": (t1 - t0) + (time.time() - t2), "time/self_play": t2 - t1}
+
+
+def _carry_policy(ctx: LapContext, trainer) -> dict:
+    """Lap L > 0 starts from lap L-1's trainer checkpoint, restored and verified on every runner."""
+    out = {"restored_from": None}
+    if ctx.lap > 0:
+        previous = ctx.policy_path(ctx.lap - 1, trainer=True)
+        if not previous.exists():
+            raise LapFailed(f"lap {ctx.lap} must start from lap {ctx.lap - 1}'s policy, but {previous} is missing")
+        trainer.restore(str(previous))              # checks the checkpoint's digests, syncs and verifies runners
+        out["restored_from"] = str(previous)
+    out["start_digest"] = trainer.weights_digest()
+    out["runner_digests"] = trainer.runner_digests()
+    if any(d != out["start_digest"] for d in out["runner_digests"]):
+        raise LapFailed(f"EnvRunner weights {out['runner_digests']} differ from the learner's {out['start_digest']}")
+    return out
+
+
+# -- select -------------------------------------------------------------------------------------
+def select(ctx: LapContext) -> dict:
+    """Choose the lap's successful trajectories from the server's recordings and store them."""
+    cfg = ctx.cfg
+    raw = ctx.store.read_raw(ctx.lap)
+    if raw is None or len(raw) == 0:
+        raise LapFailed(f"no self-play recordings in {ctx.store.lap_dir(ctx.lap) / 'raw'}")
+    chosen, stats = select_episodes(raw, cfg.selection, cfg.simulator.horizon)
+    if chosen is not None:
+        ctx.store.add(ctx.lap, "selected", chosen, stats)
+    rejected = ", ".join(f"{k.split('/')[1]} {v}" for k, v in stats.items() if k.startswith("rejected/") and v)
+    ctx.say(f"select: {stats['selected_episodes']}/{stats['episodes']} episodes selected"
+            + (f" (rejected: {rejected})" if rejected else ""))
+    out = {"data/selected_trajectories": stats["selected_episodes"], "data/self_play_transitions": len(raw),
+           **{f"selection/{k}": v for k, v in stats.items()}}
+    out.update(_grade_means(raw, cfg.simulator.horizon))
+    return out
+
+
+def _grade_means(raw, horizon: int) -> dict:
+    """Mean per-term grades over the lap's self-play (imagination/physics over the windows that closed)."""
+    closed = (raw.steps.astype(np.int64) + 1) % horizon == 0
+    out = {}
+    for key in ("task", "imagination", "physics", "total"):
+        col = raw.rewards.get(key)
+        rows = closed if key in ("imagination", "physics") and closed.any() else slice(None)
+        out[f"reward/{key}"] = float(np.nanmean(col[rows])) if col is not None else np.nan
+    return out
+
+
+# -- retrain ------------------------------------------------------------------------------------
+def retrain(ctx: LapContext, parts: LapParts) -> dict:
+    """A new world-model version: warm-started from the last one, fitted on seed + all selected data."""
+    data = ctx.store.training_data(ctx.lap)
+    wm, fit = parts.fit_world_model(ctx, data, ctx.wm_path(ctx.lap - 1))
+    wm.save(ctx.wm_path(ctx.lap))
+    ctx.say(f"retrain: {len(data)} transitions, world model {wm.version}")
+    return {"data/total_transitions": len(data), **{f"world_model/fit_{k}": v for k, v in scalars(fit).items()}}
+
+
+# -- log ----------------------------------------------------------------------------------------
+def log(ctx: LapContext, rec: LapRecord) -> dict:
+    """Every metric with ``step=lap``, the report PNGs and the lap's checkpoints as MLflow artifacts."""
+    from flywheel.report import write_run_report
+
+    t0 = time.time()
+    rec.metrics["lap/seconds"] = sum(v for k, v in rec.metrics.items() if k.startswith("time/"))
+    rec.logged = True
+    rec.save(ctx.record_path)
+    files = write_run_report(ctx.run_dir)
+    rec.metrics["time/log"] = time.time() - t0
+    n = ctx.tracker.log_metrics(rec.metrics, step=ctx.lap)
+    for f in files:
+        ctx.tracker.log_artifact(f, f"report/lap_{ctx.lap:03d}")
+    for f in (ctx.wm_path(ctx.lap), ctx.policy_path(ctx.lap), ctx.wm_path(None) if ctx.lap == 0 else None):
+        if f is not None:
+            ctx.tracker.log_artifact(f, f"checkpoints/lap_{ctx.lap:03d}")
+    ctx.tracker.log_artifact(ctx.run_dir / "config.yaml", "config")
+    ctx.say(f"log: {n} metrics at step {ctx.lap}; lap took {rec.metrics['lap/seconds']:.0f} s")
+    return {"time/log": rec.metrics["time/log"]}
+
+
+def scalars(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
