@@ -9,9 +9,12 @@
         session.close()
 
 Every call carries a deadline. Calls that are safe to repeat are retried with exponential backoff
-on UNAVAILABLE; Reset and Step are safe because they carry the session's sequence number and the
-server answers a repeated one from its cache. Errors raise a ``SimulatorError`` subclass carrying
-the server's status code and message. Importing this module does not import JAX or the physics.
+on UNAVAILABLE for up to ``retry_seconds`` (a restarting server comes back at the same address);
+Reset and Step are safe because they carry the session's sequence number and the server answers a
+repeated one from its cache. A server that restarted does not know the session (NOT_FOUND):
+``Session.recreate`` opens a new one with the same settings. Errors raise a ``SimulatorError``
+subclass carrying the server's status code and message. Importing this module does not import
+JAX or the physics.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 
 
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]   # find a restarted server within a second
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """What ``CreateSession`` answers: the id, sizes, one env's bounds and the settings in force."""
@@ -123,10 +130,11 @@ class SimulatorClient:
 
     _SAFE: ClassVar[frozenset[str]] = frozenset({"Reset", "Step", "CloseSession", "Imagine", "Verify", "LoadWorldModel", "Check"})
 
-    def __init__(self, address: str, timeout: float = 60.0, retries: int = 5, backoff: float = 0.1,
+    def __init__(self, address: str, timeout: float = 60.0, retry_seconds: float | None = None, backoff: float = 0.1,
                  max_message_mb: int = 256, connect_timeout: float = 30.0):
-        self.address, self.timeout, self.retries, self.backoff = address, float(timeout), int(retries), float(backoff)
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self.address, self.timeout, self.backoff = address, float(timeout), float(backoff)
+        self.retry_seconds = self.timeout if retry_seconds is None else float(retry_seconds)
+        self._channel = grpc.insecure_channel(address, options=[*channel_options(max_message_mb), *RECONNECT_OPTIONS])
         self._stub = pb_grpc.SimulatorStub(self._channel)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
@@ -145,33 +153,40 @@ class SimulatorClient:
         self._channel.close()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def call(self, method: str, request, timeout: float | None = None):
-        """Invoke ``method`` with a deadline; retry UNAVAILABLE with backoff where it is safe."""
+    def call(self, method: str, request, timeout: float | None = None, retry_seconds: float | None = None):
+        """Invoke ``method`` with a deadline; where it is safe, retry UNAVAILABLE with backoff for ``retry_seconds``."""
         fn = getattr(self._stub, method)
-        attempts = 1 + (self.retries if method in self._SAFE else 0)
-        for attempt in range(attempts):
+        window = self.retry_seconds if retry_seconds is None else float(retry_seconds)
+        give_up = time.monotonic() + (window if method in self._SAFE else 0.0)
+        attempt = 0
+        while True:
             try:
                 return fn(request, timeout=self.timeout if timeout is None else timeout)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
-                    time.sleep(self.backoff * 2**attempt)
-                    continue
-                raise _ERRORS.get(code, SimulatorError)(code, exc.details() or "", method) from None
-        raise AssertionError("unreachable")
+                code, details = exc.code(), exc.details() or ""
+            pause = min(self.backoff * 2**attempt, 2.0)
+            if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > give_up:
+                if code == grpc.StatusCode.UNAVAILABLE and method in self._SAFE:
+                    details += f" (still unavailable after retrying for {window:.0f} s)"
+                raise _ERRORS.get(code, SimulatorError)(code, details, method) from None
+            time.sleep(pause)
+            attempt += 1
 
     # -- calls ---------------------------------------------------------------------------------
     def create_session(self, task: str, num_envs: int, fidelity: float = 1.0, mode: str = "blend", seed: int = 0,
                        world_model_version: str = "", reward_weights: dict[str, float] | None = None,
                        horizon: int = 0) -> Session:
         """Open a session of ``num_envs`` environments; returns a ``Session`` handle."""
-        r = self.call("CreateSession", pb.CreateSessionRequest(
-            task=task, num_envs=num_envs, fidelity=fidelity, mode=mode, seed=seed,
-            world_model_version=world_model_version, reward_weights=reward_weights or {}, horizon=horizon))
-        info = SessionInfo(r.session_id, r.task, r.num_envs, decode(r.observation.low), decode(r.observation.high),
+        request = pb.CreateSessionRequest(task=task, num_envs=num_envs, fidelity=fidelity, mode=mode, seed=seed,
+                                          world_model_version=world_model_version,
+                                          reward_weights=reward_weights or {}, horizon=horizon)
+        return Session(self, self._open(request), request)
+
+    def _open(self, request: pb.CreateSessionRequest) -> SessionInfo:
+        r = self.call("CreateSession", request)
+        return SessionInfo(r.session_id, r.task, r.num_envs, decode(r.observation.low), decode(r.observation.high),
                            decode(r.action.low), decode(r.action.high), r.state_size, r.episode_length, r.control_dt,
                            r.horizon, dict(r.reward_weights), r.wm_version)
-        return Session(self, info)
 
     def imagine(self, states: np.ndarray, actions: np.ndarray, task: str = "",
                 world_model_version: str = "") -> tuple[np.ndarray, str]:
@@ -206,10 +221,36 @@ class SimulatorClient:
 class Session:
     """One server-side batch of environments; Reset and Step are numbered so a retry never steps twice."""
 
-    def __init__(self, client: SimulatorClient, info: SessionInfo):
+    RESEED = 1_000_003   # seed stride of a re-created session: a fresh random stream, never the first one again
+
+    def __init__(self, client: SimulatorClient, info: SessionInfo, request: pb.CreateSessionRequest | None = None):
         self.client, self.info, self.id = client, info, info.session_id
+        self.request = request
+        self.recreated = 0
         self._seq = 0
         self._stream = None
+
+    def recreate(self) -> SessionInfo:
+        """Open a new server-side session with this one's settings (after the server lost it, e.g. it restarted).
+
+        Its envs start afresh: call ``reset`` next. Its seed is the original plus ``RESEED`` per re-creation.
+        """
+        if self.request is None:
+            raise RuntimeError(f"session {self.id} was not made by create_session; it cannot be re-created")
+        request = pb.CreateSessionRequest()
+        request.CopyFrom(self.request)
+        request.seed = (self.request.seed + self.RESEED * (self.recreated + 1)) % 2**31
+        info = self.client._open(request)
+        old = self.info
+        if (info.num_envs, info.task, info.action_low.shape) != (old.num_envs, old.task, old.action_low.shape):
+            raise SimulatorError(grpc.StatusCode.FAILED_PRECONDITION, f"the re-created session {info.session_id} has "
+                                 f"{info.num_envs} {info.task} envs, expected {old.num_envs} {old.task} envs",
+                                 "CreateSession")
+        self.info, self.id, self.recreated, self._seq = info, info.session_id, self.recreated + 1, 0
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = _StepStream(self.client)
+        return info
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Reset every env (re-seeded when ``seed`` is given); returns observations ``[B, O]``."""
@@ -249,7 +290,8 @@ class Session:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        r = self.client.call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+        r = self.client.call("CloseSession", pb.CloseSessionRequest(session_id=self.id),
+                             retry_seconds=min(self.client.retry_seconds, 5.0))   # a gone server has nothing to close
         return {"transitions": int(r.transitions), "shards": list(r.shards), "wm_version": r.wm_version}
 
 

@@ -19,7 +19,8 @@ class ServerConfig:
     world_model_path: str | None = None          # checkpoint to serve at start; None = an untrained model
     world_model_dir: str | None = None           # where LoadWorldModel finds versions (<dir>/<version>.*)
     trajectory_dir: str | None = None            # recorder shards; None = record nothing
-    flush_every: int = 20_000                       # transitions per shard (also flushed on close and shutdown)
+    flush_every: int = 20_000                       # ended-episode transitions that trigger a shard write
+    flush_seconds: float = 2.0                      # longest an ended episode waits in memory before its write
     lap: int = 0                                    # written into every recorded transition
     episode_offset: int = 0                         # first episode id; sessions take disjoint blocks after it
     max_batch: int = 4096                           # largest num_envs / Imagine / Verify batch
@@ -28,6 +29,7 @@ class ServerConfig:
     torch_threads: int = 0                          # torch intra-op threads in the server; 0 = torch's default
     max_sessions: int = 64
     num_gpus: float = 0.0                           # GPUs a server actor asks Ray for (JAX engines use them)
+    max_restarts: int = 3                           # times Ray restarts a killed server actor (same port)
     seed: int = 0                                   # seed of the untrained world model
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -41,9 +43,11 @@ class ServerConfig:
         for name in ("flush_every", "max_batch", "max_message_mb", "workers", "max_sessions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("lap", "episode_offset", "torch_threads"):
+        for name in ("lap", "episode_offset", "torch_threads", "max_restarts"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < float(self.flush_seconds) <= 3600:
+            raise ValueError(f"ServerConfig.flush_seconds must be in (0, 3600], got {self.flush_seconds!r}")
         if not float(self.num_gpus) >= 0:
             raise ValueError(f"ServerConfig.num_gpus must be >= 0, got {self.num_gpus!r}")
         if not self.host:

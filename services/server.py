@@ -7,8 +7,12 @@
 
 Bad input is answered with a status code and a message naming what was wrong and what was expected
 (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION); other sessions keep running.
-Standard health checking and reflection are served. ``stop`` finishes in-flight calls, then flushes
-every session's recorder.
+Standard health checking and reflection are served. ``stop`` finishes in-flight calls, then writes
+every session's recordings and returns the server's ``report()``: transitions served and stored,
+episodes and shards written, and the recording errors (path and OS error), if any.
+
+A server restarted after a crash (same config, same trajectory directory) is a new incarnation:
+its session ids, shard names and episode ids never collide with those its dead incarnation wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 import logging
 import multiprocessing as mp
 import signal
+import sys
 import threading
 import traceback
 from concurrent import futures
@@ -34,11 +39,14 @@ from services.config import ServerConfig
 from services.models import ModelStore, verify_report
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.proto.flywheel.simulator.v1 import simulator_pb2_grpc as pb_grpc
+from services.recorder import claim_incarnation
 from services.session import ServiceError, SessionRequest, SimSession, open_session
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Simulator"].full_name
 EPISODE_BLOCK = 2**32   # episode ids per simulator instance: sessions never share one
+SESSIONS_PER_INCARNATION = 2**16   # session blocks per server incarnation; a restart takes the next range
+TOTALS = ("transitions_served", "transitions_stored", "episodes_stored", "shards")
 
 
 def _rpc(method):
@@ -66,14 +74,21 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self.config = config
         self.models = ModelStore(config, world_model)
         self.sessions: dict[str, SimSession] = {}
-        self._closed: dict[str, pb.CloseSessionResponse] = {}
+        self._closed: dict[str, pb.CloseSessionResponse | ServiceError] = {}
         self._lock = threading.Lock()
         self._blocks = 0
+        self.incarnation = claim_incarnation(config.trajectory_dir, str(config.episode_offset))
+        self._totals = dict.fromkeys(TOTALS, 0)
+        self._errors: list[str] = []
 
     def _episode_offset(self) -> int:
         with self._lock:
+            if self._blocks >= SESSIONS_PER_INCARNATION:
+                raise ServiceError("RESOURCE_EXHAUSTED", f"the server opened its maximum of {SESSIONS_PER_INCARNATION} "
+                                   "sessions in its lifetime; start a new server")
             self._blocks += 1
-            return self.config.episode_offset + (self._blocks - 1) * EPISODE_BLOCK
+            block = self.incarnation * SESSIONS_PER_INCARNATION + self._blocks - 1
+            return self.config.episode_offset + block * EPISODE_BLOCK
 
     def _session(self, session_id: str) -> SimSession:
         session = self.sessions.get(session_id)
@@ -94,7 +109,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
                                "sessions; close one first")
         req = SessionRequest(request.task, request.num_envs, request.fidelity, request.mode, request.seed,
                              request.world_model_version, dict(request.reward_weights), request.horizon)
-        session = open_session(self.config, self.models, req, self._episode_offset)
+        session = open_session(self.config, self.models, req, self._episode_offset, self.incarnation)
         with self._lock:
             self.sessions[session.id] = session
         i = session.info
@@ -121,21 +136,53 @@ class SimulatorService(pb_grpc.SimulatorServicer):
     @_rpc
     def CloseSession(self, request, context):
         with self._lock:
-            if request.session_id in self._closed:
-                return self._closed[request.session_id]
-            session = self._session(request.session_id)
-            del self.sessions[request.session_id]
-        session.close()
-        response = pb.CloseSessionResponse(transitions=session.recorder.recorded, shards=session.recorder.shards,
-                                           wm_version=session.wm_version)
-        with self._lock:
-            self._closed[request.session_id] = response
-        return response
+            answer = self._closed.get(request.session_id)
+            if answer is None:
+                session = self._session(request.session_id)
+                del self.sessions[request.session_id]
+        if answer is None:
+            answer = self._close(session)
+            with self._lock:
+                self._closed[request.session_id] = answer
+        if isinstance(answer, ServiceError):
+            raise answer
+        return answer
 
-    def flush_all(self) -> None:
-        """Flush every open session's recorder (shutdown)."""
-        for session in list(self.sessions.values()):
-            session.recorder.flush()
+    def _close(self, session: SimSession) -> pb.CloseSessionResponse | ServiceError:
+        """Close a session, add its recorder's totals to the server's; the answer to CloseSession."""
+        session.close()
+        totals = session.recorder.totals()
+        with self._lock:
+            for k in TOTALS:
+                self._totals[k] += totals[k]
+            if totals["error"]:
+                self._errors.append(totals["error"])
+        if totals["error"]:
+            return ServiceError("FAILED_PRECONDITION", f"session {session.id}: {session.recorder.error}; "
+                                f"{totals['transitions_served'] - totals['transitions_stored']} served transitions "
+                                "were not stored")
+        return pb.CloseSessionResponse(transitions=session.recorder.recorded, shards=session.recorder.shards,
+                                       wm_version=session.wm_version)
+
+    def close_all(self) -> dict:
+        """Close every open session (shutdown: their recordings are written); returns ``report()``."""
+        with self._lock:
+            sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            self._close(session)
+        return self.report()
+
+    def report(self) -> dict:
+        """Totals over every session so far (open ones included) and the recording errors
+        (``[{"path": ..., "error": ...}]``, one per failed session)."""
+        with self._lock:
+            totals, errors, open_ = dict(self._totals), list(self._errors), list(self.sessions.values())
+        for session in open_:
+            t = session.recorder.totals()
+            totals = {k: totals[k] + t[k] for k in TOTALS}
+            if t["error"]:
+                errors.append(t["error"])
+        return {**totals, "incarnation": self.incarnation, "sessions_open": len(open_), "errors": errors}
 
     # -- world model and physics checks --------------------------------------------------------
     @_rpc
@@ -174,14 +221,19 @@ class SimulatorServer:
         self.address = f"{host}:{port}"
         self._stopped = False
 
-    def stop(self, grace: float | None = 5.0) -> None:
-        """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds, then flush the recorders."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
-        self.service.flush_all()
+    def stop(self, grace: float | None = 5.0) -> dict:
+        """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds, write the recordings;
+        returns ``report()``."""
+        if not self._stopped:
+            self._stopped = True
+            self._health.enter_graceful_shutdown()
+            self._server.stop(grace).wait()
+            self.service.close_all()
+        return self.report()
+
+    def report(self) -> dict:
+        """The service's totals and recording errors, with this server's address."""
+        return {"address": self.address, **self.service.report()}
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
@@ -195,15 +247,19 @@ def serve(config: ServerConfig, world_model=None) -> SimulatorServer:
 
         torch.set_num_threads(config.torch_threads)
     service = SimulatorService(config, world_model)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                         options=channel_options(config.max_message_mb))
+    options = [*channel_options(config.max_message_mb), ("grpc.so_reuseport", 0)]   # a taken port is an error
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
     pb_grpc.add_SimulatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        raise RuntimeError(f"cannot bind {config.host}:{config.port}: the address is in use or not this machine's; "
+                           "choose another port (0 picks a free one)")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -219,7 +275,7 @@ def _process_main(config: ServerConfig, conn, stop_event, grace: float) -> None:
         return
     conn.send(("ok", server.address))
     stop_event.wait()
-    server.stop(grace)
+    conn.send(("report", server.stop(grace)))
 
 
 class ServerProcess:
@@ -229,6 +285,7 @@ class ServerProcess:
         self.config, self.start_timeout, self.grace = config, start_timeout, grace
         self.address: str | None = None
         self._process = None
+        self._conn = None
 
     def start(self) -> ServerProcess:
         ctx = mp.get_context("spawn")
@@ -237,30 +294,48 @@ class ServerProcess:
         self._process = ctx.Process(target=_process_main, args=(self.config, child, self._stop, self.grace),
                                     daemon=True, name="flywheel-simulator-server")
         self._process.start()
+        child.close()                       # the child's end lives in the child: its death reads as EOF here
         if not parent.poll(self.start_timeout):
             self.stop()
             raise RuntimeError(f"simulator server did not start within {self.start_timeout:.0f} s")
-        status, value = parent.recv()
+        try:
+            status, value = parent.recv()
+        except EOFError:
+            self._process.join(5)
+            status, value = "error", f"the server process exited (code {self._process.exitcode}) before it reported"
         if status != "ok":
             self.stop()
             raise RuntimeError(f"simulator server failed to start:\n{value}")
         self.address = value
+        self._conn = parent
         return self
 
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def stop(self) -> None:
-        """Graceful stop (in-flight calls finish, recorders flush); terminate if it hangs."""
+    def stop(self) -> dict | None:
+        """Graceful stop (in-flight calls finish, recordings are written); terminate if it hangs.
+
+        Returns the server's ``report()`` (None when it did not stop cleanly, e.g. it was killed).
+        """
         if self._process is None:
-            return
+            return None
         self._stop.set()
+        report = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if conn.poll(self.grace + 30):
+                    report = conn.recv()[1]
+            except (EOFError, OSError):   # the process died before it reported
+                pass
         self._process.join(self.grace + 30)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(5)
         self._process = None
+        return report
 
     def __enter__(self) -> Self:
         return self.start()
@@ -281,6 +356,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--world-model-dir", default=None)
     p.add_argument("--trajectory-dir", default=None)
     p.add_argument("--flush-every", type=int, default=20_000)
+    p.add_argument("--flush-seconds", type=float, default=2.0)
     p.add_argument("--lap", type=int, default=0)
     p.add_argument("--episode-offset", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=4096)
@@ -307,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    server.stop()
-    return 0
+    report = server.stop()
+    print(f"served {report['transitions_served']} transitions, stored {report['transitions_stored']} "
+          f"in {report['shards']} shard(s)", flush=True)
+    for error in report["errors"]:
+        print(f"recording failed: {error}", file=sys.stderr, flush=True)
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

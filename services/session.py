@@ -8,7 +8,8 @@
 The server and ``LocalVectorEnv`` share this code. Calls of one session are serialised by its lock.
 Reset and Step carry a sequence number: the next number runs the call, a repeat of the last one is
 answered from the cache (a retried call never steps twice), anything else is out of order;
-``seq == 0`` means untagged and always runs.
+``seq == 0`` means untagged and always runs. Once the session's recorder failed to write a shard,
+Step and Reset answer FAILED_PRECONDITION with the path and the OS error: nothing is served unrecorded.
 """
 
 from __future__ import annotations
@@ -67,8 +68,13 @@ def with_weights(config, weights: dict[str, float], horizon: int = 0):
     return dataclasses.replace(config, **changes)
 
 
-def open_session(config, models, request: SessionRequest, next_offset: Callable[[], int]) -> SimSession:
-    """Validate a ``SessionRequest`` against the server's limits and build its session."""
+def open_session(config, models, request: SessionRequest, next_offset: Callable[[], int],
+                 incarnation: int = 0) -> SimSession:
+    """Validate a ``SessionRequest`` against the server's limits and build its session.
+
+    ``incarnation`` (the server's restart count) is part of the session id, so shard names of a
+    restarted server never collide with its dead incarnation's.
+    """
     from simulators import make_engine, make_task
     from simulators.corrected import CorrectedSimulator
 
@@ -90,10 +96,11 @@ def open_session(config, models, request: SessionRequest, next_offset: Callable[
                                   seed=int(request.seed if seed is None else seed), num_envs=n,
                                   episode_offset=next_offset())
 
-    session_id = f"s-{uuid.uuid4().hex[:12]}"
+    session_id = f"s{int(incarnation)}-{uuid.uuid4().hex[:12]}"
     meta = {"task": task.name, "wm_version": wm.version, "fidelity": fidelity, "mode": mode, "engine": engine.name,
             "engine_params": dict(config.engine_params), "lap": int(config.lap)}
-    recorder = Recorder(config.trajectory_dir, session_id, meta, config.flush_every, config.lap)
+    recorder = Recorder(config.trajectory_dir, session_id, meta, config.flush_every, config.lap,
+                        config.flush_seconds)
     spec = engine.spec
     info = SessionInfo(session_id, task.name, n, np.full(spec.observation_size, -np.inf, np.float32),
                        np.full(spec.observation_size, np.inf, np.float32), spec.action_low.astype(np.float32),
@@ -129,6 +136,7 @@ class SimSession:
         """Step (envs in ``hold`` stay put), grade and record the batch; returns ``(StepResult, grades)``."""
         if not self._started:
             raise ServiceError("FAILED_PRECONDITION", f"session {self.id}: call Reset before Step")
+        self.recorder.check()
         r = self.sim.step(actions, hold)
         grades = grade_step(r, self.engine, self.scale, self.reward_config)
         done = np.asarray(r.terminated) | np.asarray(r.truncated)
@@ -147,6 +155,7 @@ class SimSession:
                     raise ServiceError("FAILED_PRECONDITION", f"sequence number {seq} of session {self.id} was "
                                        "already used by a different request; a retry must repeat the request")
                 return self._cached
+            self._check_recorder()
             if seq and seq != self._seq + 1:
                 raise ServiceError("FAILED_PRECONDITION", f"sequence number {seq} is out of order for session "
                                    f"{self.id}: expected {self._seq + 1} (next) or {self._seq} (a retry)")
@@ -154,6 +163,11 @@ class SimSession:
             if seq:
                 self._seq, self._cached, self._cached_key = seq, response, key
             return response
+
+    def _check_recorder(self) -> None:
+        if self.recorder.error is not None:
+            raise ServiceError("FAILED_PRECONDITION", f"session {self.id} stopped serving: {self.recorder.error}; "
+                               "the trajectory directory must be writable")
 
     def reset(self, seq: int, seed: int | None) -> pb.ResetResponse:
         def run():
@@ -182,7 +196,7 @@ class SimSession:
         return self._sequenced(seq, key, run)
 
     def close(self) -> str | None:
-        """Mark closed and flush the recorder; returns the last shard written (if any)."""
+        """Mark closed and write what the recorder holds; returns the last shard written (if any)."""
         with self.lock:
             self.closed = True
-        return self.recorder.flush()
+        return self.recorder.close()

@@ -17,10 +17,17 @@ Next-step reset: an env whose episode ended returns its terminal observation; th
 already reset it to a fresh initial state, so on the following call the env is sent as held
 (``hold``): it ignores the given action, does not move, and returns that initial state's
 observation with reward 0 and no termination, exactly as gymnasium's next-step autoreset does.
+
+A server that restarts (a killed Ray server actor comes back at the same address) is survived:
+calls wait for it (``SimulatorClient`` retries UNAVAILABLE), and when it no longer knows the
+session, ``RemoteVectorEnv`` re-creates the session with the same settings and ends every running
+episode as **truncated** at its last observation (reward 0); the next step starts new episodes,
+as after any next-step autoreset. ``env.sessions_recreated`` counts these.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +38,7 @@ from gymnasium.vector.utils import batch_space
 from services.client import NotFound, SessionInfo, SimulatorClient, StepReply, Unavailable
 
 TERMS = ("task", "imagination", "physics")
+log = logging.getLogger(__name__)
 
 
 class SimulatorVectorEnv(VectorEnv):
@@ -117,12 +125,46 @@ class RemoteVectorEnv(SimulatorVectorEnv):
         if streaming:
             self.session.use_stream()
         self._setup(self.session.info)
+        self._current: np.ndarray | None = None    # [B, O] observation of each env's present state
+
+    @property
+    def sessions_recreated(self) -> int:
+        return self.session.recreated
 
     def _reset(self, seed: int | None) -> np.ndarray:
-        return self.session.reset(seed)
+        try:
+            obs = self.session.reset(seed)
+        except NotFound:
+            self._recreate()
+            obs = self.session.reset(seed)
+        self._current = np.asarray(obs, np.float32)
+        return obs
 
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
-        return self.session.step(actions, hold)
+        try:
+            out = self.session.step(actions, hold)
+        except NotFound:
+            return self._truncated(hold)
+        self._current = out.observations
+        return out
+
+    def _recreate(self) -> None:
+        lost = self.session.id
+        self.session.recreate()
+        log.warning("simulator session %s at %s is gone (the server restarted?); continuing in session %s",
+                    lost, self.client.address, self.session.id)
+
+    def _truncated(self, hold: np.ndarray | None) -> StepReply:
+        """Continue in a new session: the step never ran, running episodes end truncated at their last observation."""
+        self._recreate()
+        obs = np.asarray(self.session.reset(None), np.float32)
+        live = np.ones(self.num_envs, bool) if hold is None else ~np.asarray(hold, bool)
+        final = np.where(live[:, None], self._current, obs).astype(np.float32)
+        self._current = obs
+        zeros, no = np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool)
+        return StepReply(obs, final, zeros, {k: zeros for k in TERMS}, no, live, no,
+                         np.full(self.num_envs, -1, np.int64), np.zeros(self.num_envs, np.int32), no,
+                         self.session.info.wm_version)
 
     def close_extras(self, **kwargs) -> None:
         try:
