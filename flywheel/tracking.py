@@ -40,6 +40,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"tracking server {uri} answered {exc.code} at {url}; is it an MLflow server?") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        reason = getattr(reason, "strerror", None) or reason
         raise ConfigError(f"tracking server {uri} is unreachable ({reason}); start it or set tracking.uri "
                           f"(null = the local SQLite store)") from None
 

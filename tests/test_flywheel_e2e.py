@@ -58,6 +58,16 @@ def test_two_lap_smoke_run_end_to_end(tmp_path):
     for lap in (0, 1):
         for name in (f"wm_lap{lap:03d}.pt", f"policy_lap{lap:03d}.pt", f"policy_lap{lap:03d}"):
             assert (run_dir / "checkpoints" / name).exists(), name
+    # lap 1 sampled with lap 0's trained policy: every runner held exactly the weights lap 0 ended with
+    carried = [json.loads((run_dir / "laps" / f"lap_{k:03d}" / "policy.json").read_text()) for k in (0, 1)]
+    assert carried[1]["restored_from"] == str(run_dir / "checkpoints" / "policy_lap000")
+    assert carried[1]["start_digest"] == carried[0]["end_digest"] != carried[0]["start_digest"]
+    assert carried[1]["runner_digests"] and set(carried[1]["runner_digests"]) == {carried[0]["end_digest"]}
+    for lap in (0, 1):
+        stored = steps_of(tracker, "data/stored_transitions")
+        assert stored == [0, 1]
+        env_steps = dict(tracker.metric_history("self_play/env_steps"))[lap]
+        assert env_steps >= 1 and dict(tracker.metric_history("data/stored_transitions"))[lap] >= 1
     assert (run_dir / "report" / "capability.png").exists() and (run_dir / "report" / "trajectory_lap001.png").exists()
     arts = {a.path for a in tracker.client.list_artifacts(tracker.run_id, "report/lap_001")}
     assert {"report/lap_001/capability.png", "report/lap_001/trajectory_lap001.png"} <= arts
