@@ -1,18 +1,11 @@
 """The flywheel's configuration: OmegaConf structured config with dataclasses as the schema.
 
-Loading order (later wins)::
-
-    schema (these dataclasses)
-      <- configs/default.yaml
-      <- policies.config.TASK_DEFAULTS[task]      (tuned PPO settings per task)
-      <- configs/task/<task>.yaml
-      <- configs/preset/<preset>.yaml             (only when ``preset=...`` is given)
-      <- CLI dotlist overrides                    (``simulator.fidelity=0.5 laps=6``)
-
-An unknown key, a wrongly typed value or an out-of-range value raises ``ConfigError`` naming the
-key and what is allowed, before anything starts. The resolved config is saved as YAML in the run
-directory; ``config_hash`` fingerprints the parts that change results (not run location, lap count,
-tracking or Ray resources), so a resume can refuse a changed config.
+The layers (schema <- configs/default.yaml <- configs/task/<task>.yaml <- preset <- command line), the
+keys that follow another key and the keys the flywheel fills in per lap are in ``flywheel.layers``.
+An unknown key, a wrongly typed value, an out-of-range value or options that cannot work together
+raise ``ConfigError`` naming the key and what is allowed, before anything starts. The resolved config
+is saved as YAML in the run directory; ``config_hash`` fingerprints the parts that change results (not
+run location, lap count, tracking or Ray resources), so a resume can refuse a changed config.
 """
 
 from __future__ import annotations
@@ -24,22 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from flywheel.sections import PPOConfig, RewardConfig, ServerConfig, WorldModelConfig, task_ppo_defaults
+from flywheel.layers import FOLLOWS, PER_LAP, Composed, ConfigError, compose, leaf_keys
+from flywheel.sections import PPOConfig, RewardConfig, ServerConfig, WorldModelConfig
 from simulators.dataset import atomic_write
 from simulators.physics import ENGINES
-from simulators.tasks import PARAM_NAMES, TASKS
+from simulators.tasks import PARAM_NAMES, TASKS, make_task
+from simulators.tasks.base import PARAM_MAX
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SIM_MODES = ("blend", "reground")
 # Keys that do not change what a run computes: excluded from the resume hash.
 _HASH_EXCLUDED = ("run_dir", "runs_root", "laps", "preset", "tracking", "ray")
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the key and what is allowed."""
 
 
 @dataclass
@@ -140,64 +130,47 @@ class FlywheelConfig:
 def load_config(overrides: list[str] | tuple[str, ...] = (), base: str | Path | None = None,
                 config_dir: str | Path = CONFIG_DIR) -> FlywheelConfig:
     """Compose and validate the config; ``base`` (a saved resolved config) replaces the YAML layers."""
-    overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. simulator.fidelity=0.5)")
-    cli = _merge("command line", OmegaConf.structured(FlywheelConfig), OmegaConf.from_dotlist(overrides))
-    cfg = OmegaConf.structured(FlywheelConfig)
-    config_dir = Path(config_dir)
-    if base is not None:
-        cfg = _merge(str(base), cfg, OmegaConf.load(base))
-    else:
-        cfg = _merge("configs/default.yaml", cfg, _yaml(config_dir / "default.yaml"))
-        task = cli.task if _has(overrides, "task") else cfg.task
-        _check_choice("task", task, TASKS)
-        cfg.task = task
-        cfg = _merge(f"ppo defaults of task {task}", cfg, OmegaConf.create({"ppo": task_ppo_defaults(task)}))
-        task_file = config_dir / "task" / f"{task}.yaml"
-        if task_file.exists():
-            cfg = _merge(f"configs/task/{task}.yaml", cfg, _yaml(task_file))
-        preset = cli.preset if _has(overrides, "preset") else cfg.preset
-        if preset:
-            presets = sorted(p.stem for p in (config_dir / "preset").glob("*.yaml"))
-            _check_choice("preset", preset, presets)
-            cfg = _merge(f"configs/preset/{preset}.yaml", cfg, _yaml(config_dir / "preset" / f"{preset}.yaml"))
-            cfg.preset = preset
-    cfg = _merge("command line", cfg, OmegaConf.from_dotlist(overrides))
+    return load_config_with_origins(overrides, base, config_dir)[0]
+
+
+def load_config_with_origins(overrides: list[str] | tuple[str, ...] = (), base: str | Path | None = None,
+                             config_dir: str | Path = CONFIG_DIR) -> tuple[FlywheelConfig, Composed]:
+    """``load_config`` and the composition it came from (``Composed.origin(key)`` names each value's layer)."""
+    composed = compose(FlywheelConfig, overrides, base, config_dir, TASKS)
     try:
-        obj = OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(composed.node)
     except (ValueError, TypeError) as exc:  # a section's own __post_init__ checks
-        raise ConfigError(f"invalid config: {exc}") from exc
+        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # an interpolation that does not resolve
+        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
     validate(obj)
-    return obj
+    return obj, composed
 
 
-def _has(overrides: list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+def format_config(cfg: FlywheelConfig, composed: Composed) -> str:
+    """The resolved config as ``key: value    # origin`` lines (``flywheel config show``)."""
+    data = to_container(cfg)
+    rows = []
+    for key in leaf_keys(data):
+        if any(key == k or key.startswith(k + ".") for k in PER_LAP):
+            continue
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        origin = composed.origin(key)
+        if key in FOLLOWS:
+            origin = f"follows {FOLLOWS[key]} ({composed.origin(FOLLOWS[key])})"
+        rows.append((f"{key}: {_scalar(value)}", origin))
+    width = min(60, max(len(r[0]) for r in rows)) + 2
+    lines = [f"{text:<{width}}# {origin}" for text, origin in rows]
+    lines.append(f"# filled in by the flywheel for each lap: {', '.join(PER_LAP)}")
+    return "\n".join(lines)
 
 
-def _yaml(path: Path) -> DictConfig:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    return OmegaConf.load(path)
-
-
-def _merge(where: str, cfg: DictConfig, layer: Any) -> DictConfig:
-    """Merge a layer onto the structured config, turning OmegaConf errors into ``ConfigError``."""
-    try:
-        return OmegaConf.merge(cfg, layer)
-    except ConfigKeyError as exc:
-        key = exc.full_key or exc.key
-        parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        allowed = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "(no sub-keys)"
-        where_in = f"under '{parent}'" if parent else "at the top level"
-        raise ConfigError(f"unknown config key '{key}' (from {where}); allowed keys {where_in}: {allowed}") from None
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        msg = str(exc).splitlines()[0]
-        raise ConfigError(f"bad value for config key '{key}' (from {where}): {msg}") from None
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and value.strip() == value and value[0] not in "[{'\"#&*!|>%@`" else json.dumps(value)
+    return json.dumps(value)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -206,15 +179,19 @@ def _check_choice(key: str, value: Any, allowed) -> None:
         raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
-def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    ok = value is not None and math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+    ok = (value is not None and math.isfinite(value) and (lo is None or value > lo or (value == lo and not lo_open))
+          and (hi is None or value <= hi))
     if not ok:
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        if hi is None:
+            rng = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise ConfigError(f"config key '{key}' is {value!r}; allowed: a number {rng}")
 
 
 def validate(cfg: FlywheelConfig) -> None:
-    """Range and choice checks of the flywheel's own sections (sub-configs check themselves)."""
+    """Range and choice checks of the flywheel's own sections (sub-configs check themselves), then combinations."""
     _check_choice("task", cfg.task, TASKS)
     _check_range("seed", cfg.seed, 0)
     _check_range("laps", cfg.laps, 1)
@@ -223,7 +200,7 @@ def validate(cfg: FlywheelConfig) -> None:
     for section in ("engine", "reality"):
         params = getattr(cfg, section).params
         for name in PARAM_NAMES:
-            _check_range(f"{section}.params.{name}", getattr(params, name), 0.0)
+            _check_range(f"{section}.params.{name}", getattr(params, name), 0.0, PARAM_MAX, lo_open=True)
     _check_range("reality.seed_steps", cfg.reality.seed_steps, 1)
     _check_range("reality.seed_envs", cfg.reality.seed_envs, 1)
     _check_range("reality.eval_episodes", cfg.reality.eval_episodes, 1)
@@ -239,15 +216,37 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("selection.max_episodes", cfg.selection.max_episodes, 0)
     if cfg.ray.num_cpus is not None:
         _check_range("ray.num_cpus", cfg.ray.num_cpus, 1)
-    if cfg.rewards.horizon != cfg.simulator.horizon:
-        raise ConfigError(f"config keys 'rewards.horizon' ({cfg.rewards.horizon}) and 'simulator.horizon' "
-                          f"({cfg.simulator.horizon}) differ; allowed: the same imagination window in both")
     try:
         cfg.ppo.validate()
     except ValueError as exc:
         raise ConfigError(f"invalid config section 'ppo': {exc}") from None
     if not cfg.tracking.experiment:
         raise ConfigError("config key 'tracking.experiment' is empty; allowed: a non-empty experiment name")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: FlywheelConfig) -> None:
+    """Options that are each in range but cannot work together."""
+    envs, servers = cfg.simulator.num_envs, cfg.self_play.num_servers
+    workers = max(1, cfg.ppo.num_env_runners)
+    if cfg.service.max_batch < envs:
+        raise ConfigError(f"config key 'service.max_batch' ({cfg.service.max_batch}) is below 'simulator.num_envs' "
+                          f"({envs}), the envs of each policy worker's session; allowed: service.max_batch >= {envs}")
+    if servers > workers:
+        raise ConfigError(f"config key 'self_play.num_servers' ({servers}) is above the policy workers that use them "
+                          f"(max(1, ppo.num_env_runners) = {workers}); allowed: at most {workers}")
+    sessions = -(-workers // servers)
+    if cfg.service.max_sessions < sessions:
+        raise ConfigError(f"config key 'service.max_sessions' ({cfg.service.max_sessions}) is below the sessions each "
+                          f"server holds ({workers} policy workers over {servers} server(s)); allowed: >= {sessions}")
+    if cfg.service.port and servers > 1:
+        raise ConfigError(f"config key 'service.port' ({cfg.service.port}) is one fixed port for {servers} servers "
+                          f"(self_play.num_servers); allowed: service.port=0 (each server picks a free port) or "
+                          f"self_play.num_servers=1")
+    length = make_task(cfg.task).episode_length
+    if cfg.simulator.horizon > length:
+        raise ConfigError(f"config key 'simulator.horizon' ({cfg.simulator.horizon}) is longer than a {cfg.task} episode "
+                          f"({length} steps): no imagination window would close; allowed: 1 to {length}")
 
 
 # -- saving and fingerprinting -----------------------------------------------------------------

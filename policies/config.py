@@ -3,14 +3,16 @@
 Plain dataclasses (composable into the flywheel's OmegaConf schema); the RLlib configuration is
 built from them in ``policies.rllib_adapter`` and nowhere else::
 
-    ppo = ppo_config_for("pendulum", num_env_runners=2)        # TASK_DEFAULTS + overrides
+    ppo = ppo_config_for("pendulum", num_env_runners=2)        # configs/task/pendulum.yaml + overrides
     env = EnvConfig(task="pendulum", addresses=[server.address], fidelity=1.0)
     trainer = PolicyTrainer(ppo, env)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 ACTIVATIONS = ("tanh", "relu", "silu", "elu")
 LOCAL = "local"  # the address of an in-process simulator (no server)
@@ -60,11 +62,27 @@ class PPOConfig:
         if self.minibatch_size > self.train_batch_size:
             raise ValueError(f"PPOConfig.minibatch_size ({self.minibatch_size}) must be <= train_batch_size "
                              f"({self.train_batch_size})")
+        self._check_rollout_sizes()
         if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
             raise ValueError(f"PPOConfig.hidden_sizes must be a non-empty list of positive ints, got {self.hidden_sizes!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"PPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         return self
+
+    def _check_rollout_sizes(self) -> None:
+        """Each iteration samples ``train_batch_size`` steps: at least one per env, in whole fragments (RLlib's rule)."""
+        envs = max(1, self.num_env_runners) * self.num_envs_per_runner
+        if self.train_batch_size < envs:
+            raise ValueError(f"PPOConfig.train_batch_size ({self.train_batch_size}) must be >= the envs that sample it, "
+                             f"max(1, num_env_runners) x num_envs_per_runner = {envs}")
+        if self.rollout_fragment_length:
+            step = envs * self.rollout_fragment_length
+            sampled = -(-self.train_batch_size // step) * step
+            if sampled > 1.1 * self.train_batch_size:
+                raise ValueError(f"PPOConfig.rollout_fragment_length ({self.rollout_fragment_length}) x {envs} envs samples "
+                                 f"{sampled} steps per iteration for train_batch_size {self.train_batch_size} (more than "
+                                 f"10% over); allowed: 0 (auto) or a length whose multiple of {envs} envs is within 10% "
+                                 f"of train_batch_size, e.g. {max(1, self.train_batch_size // envs)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,23 +127,54 @@ class EnvConfig:
         return asdict(self)
 
 
+TASK_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "task"
+
+
+def task_ppo_defaults(task: str) -> dict:
+    """A task's tuned PPO settings: the ``ppo:`` section of ``configs/task/<task>.yaml``, with its
+    ``simulator.num_envs`` as ``num_envs_per_runner`` (the flywheel's one key for envs per worker)."""
+    path = TASK_CONFIG_DIR / f"{task}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in TASK_CONFIG_DIR.glob("*.yaml")))
+        raise ValueError(f"no PPO defaults for task {task!r}: {path} does not exist; tasks with defaults: {known}")
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    out = dict(data.get("ppo") or {})
+    num_envs = (data.get("simulator") or {}).get("num_envs")
+    if num_envs is not None:
+        out["num_envs_per_runner"] = num_envs
+    return out
+
+
+class _TaskDefaults(Mapping[str, dict]):
+    """Read-only view ``task -> task_ppo_defaults(task)`` over ``configs/task/*.yaml``."""
+
+    def __getitem__(self, task: str) -> dict:
+        if not (TASK_CONFIG_DIR / f"{task}.yaml").exists():
+            raise KeyError(task)
+        return task_ppo_defaults(task)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(p.stem for p in TASK_CONFIG_DIR.glob("*.yaml")))
+
+    def __len__(self) -> int:
+        return len(list(TASK_CONFIG_DIR.glob("*.yaml")))
+
+
 # Tuned per task so that a user gets a learning policy without tuning (see tests/test_policies_learning.py).
-TASK_DEFAULTS: dict[str, dict] = {
-    "pendulum": {"lr": 1e-3, "gamma": 0.97, "lambda_": 0.95, "entropy_coeff": 0.0, "train_batch_size": 2048, "minibatch_size": 256,
-                     "num_epochs": 10, "hidden_sizes": [64, 64], "num_envs_per_runner": 16},
-    "cartpole": {"lr": 5e-4, "gamma": 0.99, "lambda_": 0.95, "entropy_coeff": 0.001, "train_batch_size": 8000,
-                     "minibatch_size": 512, "num_epochs": 10, "hidden_sizes": [64, 64], "num_envs_per_runner": 32},
-    "reacher": {"lr": 3e-4, "gamma": 0.98, "lambda_": 0.95, "entropy_coeff": 0.0, "train_batch_size": 8000, "minibatch_size": 512,
-                    "num_epochs": 10, "hidden_sizes": [128, 128], "num_envs_per_runner": 32},
-}
+TASK_DEFAULTS: Mapping[str, dict] = _TaskDefaults()
 
 
 def ppo_config_for(task: str, **overrides) -> PPOConfig:
-    """``PPOConfig`` with the task's tuned defaults, then ``overrides``; unknown keys are an error."""
+    """``PPOConfig`` with the task's tuned defaults (``task_ppo_defaults``), then ``overrides``; unknown keys are an error."""
     names = {f.name for f in fields(PPOConfig)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown PPOConfig key(s) {sorted(unknown)}; allowed: {', '.join(sorted(names))}")
-    if task not in TASK_DEFAULTS:
-        raise ValueError(f"no PPO defaults for task {task!r}; tasks with defaults: {', '.join(TASK_DEFAULTS)}")
-    return PPOConfig(**{**TASK_DEFAULTS[task], **overrides}).validate()
+    defaults = task_ppo_defaults(task)
+    unknown = set(defaults) - names
+    if unknown:
+        raise ValueError(f"unknown PPOConfig key(s) {sorted(unknown)} in {TASK_CONFIG_DIR / (task + '.yaml')}; "
+                         f"allowed: {', '.join(sorted(names))}")
+    return PPOConfig(**{**defaults, **overrides}).validate()
