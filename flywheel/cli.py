@@ -6,6 +6,7 @@
     flywheel sweep --spec configs/sweep/fidelity.yaml [key=value ...]
     flywheel serve [--port P --task T ...]                 a standalone simulator server (services.server)
     flywheel report DIR                                    rebuild the report of a run or a sweep
+    flywheel config show [key=value ...]                   the resolved config, each value with its layer
 
 A bad override exits with status 2 and a message naming the key and what is allowed, before
 anything (run directory, tracking store, Ray) starts.
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("args", nargs=argparse.REMAINDER)
     report = sub.add_parser("report", help="rebuild the report of a finished run or sweep")
     report.add_argument("run_dir")
+    config = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="the resolved config, each value with the layer it came from")
+    show.add_argument("overrides", nargs="*", help="config overrides, as for run")
     return p
 
 
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "config":                  # prints the config; starts nothing
+        return _config_show(args)
     try:
         if args.command == "run":
             return _run(args)
@@ -93,6 +99,19 @@ def _run(args) -> int:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _config_show(args) -> int:
+    """Print the resolved config as ``key: value  # origin`` lines; a bad override exits 2 with one line."""
+    from flywheel.config import format_config, load_config_with_origins
+
+    try:
+        cfg, composed = load_config_with_origins(args.overrides)
+    except ConfigError as exc:
+        print(f"flywheel: error: {exc}", file=sys.stderr)
+        return 2
+    _say(format_config(cfg, composed))
+    return 0
 
 
 def _report(run_dir: Path) -> int:
