@@ -63,25 +63,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":                  # prints the config; starts nothing
         return _config_show(args)
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "sweep":
-            from flywheel.sweep import load_spec, parse_grid, run_sweep
-
-            overrides, grid, seeds = list(args.overrides), parse_grid(args.grid) if args.grid else {}, args.seeds
-            if args.spec:
-                spec_overrides, spec_grid, seeds = load_spec(args.spec)
-                overrides, grid = [*spec_overrides, *overrides], {**spec_grid, **grid}
-            run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say)
-            return 0
-        return _report(Path(args.run_dir))
+        return _command(args)
     except ConfigError as exc:
         print(f"flywheel: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        where = f"; continue it with: flywheel run --resume {args.run_dir_used}" if getattr(args, "run_dir_used", None) \
+            else ""
+        print(f"flywheel: stopped by {signal.Signals(signum).name}; the run is marked KILLED{where}", file=sys.stderr)
+        return 128 + int(signum)
+    except Exception as exc:  # noqa: BLE001 - one readable line; the run keeps the traceback (error.txt, MLflow)
+        from flywheel.orchestrator import one_line
+
+        print(f"flywheel: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        _shutdown_ray()
+
+
+def _command(args) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "sweep":
+        from flywheel.sweep import load_spec, parse_grid, run_sweep
+
+        overrides, grid, seeds = list(args.overrides), parse_grid(args.grid) if args.grid else {}, args.seeds
+        if args.spec:
+            spec_overrides, spec_grid, seeds = load_spec(args.spec)
+            overrides, grid = [*spec_overrides, *overrides], {**spec_grid, **grid}
+        run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say)
+        return 0
+    return _report(Path(args.run_dir))
 
 
 def _run(args) -> int:
-    from flywheel.orchestrator import Orchestrator
+    from flywheel.orchestrator import Orchestrator, one_line
 
     if args.resume:
         orch = Orchestrator.resume(args.resume, args.overrides, force=args.force, say=_say)
@@ -89,16 +106,13 @@ def _run(args) -> int:
         if args.force:
             raise ConfigError("--force only applies with --resume RUN_DIR")
         orch = Orchestrator.create(load_config(args.overrides), args.run_dir, say=_say)
-    signal.signal(signal.SIGTERM, _interrupt)     # a polite kill ends the MLflow run as KILLED
+    args.run_dir_used = str(orch.run_dir)
     try:
         orch.run()
-    finally:
-        _shutdown_ray()
+    except Exception as exc:
+        raise RuntimeError(f"{one_line(exc)} (traceback: {orch.run_dir / 'error.txt'}; mlflow run "
+                           f"{orch.tracker.run_id if orch.tracker else '-'}, tag flywheel.error)") from exc
     return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _config_show(args) -> int:
