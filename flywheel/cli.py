@@ -2,7 +2,7 @@
 
     flywheel run [key=value ...] [--run-dir DIR]           a new run (progress lines, a per-lap table at the end)
     flywheel run --resume DIR [key=value ...] [--force]    continue a run after its last finished stage
-    flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N [--run-dir DIR]
+    flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N|S1,S2 [--run-dir DIR]
     flywheel sweep --spec configs/sweep/fidelity.yaml [key=value ...]
     flywheel serve [--port P --task T ...]                 a standalone simulator server (services.server)
     flywheel report DIR                                    rebuild the report of a run or a sweep
@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="an axis of the grid (repeatable), e.g. simulator.fidelity=0,0.5,1")
-    sweep.add_argument("--seeds", type=int, default=1, help="seeds per setting (seed, seed+1, ...)")
+    sweep.add_argument("--seeds", default="1", help="seeds per setting: a count N (seed, seed+1, ...) or a list "
+                       "1000,2000 (default 1)")
     sweep.add_argument("--run-dir", help="sweep directory (an existing one is continued)")
     sweep.add_argument("--spec", help="a YAML with overrides, grid and seeds (e.g. configs/sweep/fidelity.yaml)")
     serve = sub.add_parser("serve", help="a standalone simulator server", add_help=False)

@@ -1,6 +1,7 @@
 """Sweeps: one parent MLflow run, one child run per setting and seed, and the compounding report.
 
     flywheel sweep laps=5 --grid simulator.fidelity=0,0.25,0.5,0.75,1 --seeds 3
+    flywheel sweep laps=5 --grid simulator.fidelity=0,1 --seeds 1000,2000,3000
 
 Settings are the cartesian product of the ``--grid`` axes. Children run one after another in this
 process (each a full ``Orchestrator`` run in ``<sweep_dir>/<setting>-seed<k>``; an existing child
@@ -51,7 +52,30 @@ def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int]:
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep file {path}; allowed: overrides, grid, seeds")
     grid = {str(k): [str(v) for v in vals] for k, vals in (data.get("grid") or {}).items()}
-    return [str(o) for o in data.get("overrides") or []], grid, int(data.get("seeds", 1))
+    return [str(o) for o in data.get("overrides") or []], grid, parse_seeds(data.get("seeds", 1))
+
+
+def parse_seeds(value: str | int | list) -> int | list[int]:
+    """``--seeds``: a count (``5``: seed, seed+1, ...) or an explicit list (``1000,2000``, or a YAML list)."""
+    items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+    try:
+        seeds = [int(str(v).strip()) for v in items]
+    except ValueError:
+        raise ConfigError(f"--seeds is {value!r}; allowed: a count (e.g. 5) or a comma-separated list of seeds "
+                          f"(e.g. 1000,2000)") from None
+    explicit = isinstance(value, list) or "," in str(value)
+    if not seeds or (not explicit and seeds[0] < 1) or any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds is {value!r}; allowed: a count >= 1, or distinct seeds >= 0 separated by commas")
+    return seeds if explicit else seeds[0]
+
+
+def child_seeds(base_seed: int, seeds: int | list[int], grid: dict[str, list[str]]) -> list[int | None]:
+    """The seeds each setting runs: ``None`` when ``seed`` is a grid axis (the grid's value is the seed)."""
+    if "seed" in grid:
+        if seeds != 1:
+            raise ConfigError("'seed' is a --grid axis and --seeds is given too; allowed: one of them")
+        return [None]
+    return list(seeds) if isinstance(seeds, list) else [base_seed + k for k in range(seeds)]
 
 
 def settings(grid: dict[str, list[str]]) -> list[list[str]]:
@@ -62,19 +86,22 @@ def slug(setting: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(setting))
 
 
-def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int, sweep_dir: str | Path | None = None,
+def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | list[int], sweep_dir: str | Path | None = None,
               say: Callable[[str], None] = print, parts: LapParts | None = None) -> Path:
-    """Run every (setting, seed) as a child run of one parent run; returns the sweep directory."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds is {seeds}; allowed: an integer >= 1")
+    """Run every (setting, seed) as a child run of one parent run; returns the sweep directory.
+
+    ``seeds`` is a count (``base seed, base + 1, ...``) or an explicit list; ``seed`` may instead be a
+    grid axis, whose values are then the seeds (asking for both is refused).
+    """
     base = load_config(overrides)
     children = []
     for setting in settings(grid):
-        for k in range(seeds):
-            child_overrides = [*overrides, *setting, f"seed={base.seed + k}"]
-            load_config(child_overrides)                       # every setting is valid before anything starts
-            children.append({"setting": " ".join(setting), "seed": base.seed + k, "overrides": child_overrides,
-                             "dir": f"{slug(setting)}-seed{base.seed + k}"})
+        for seed in child_seeds(base.seed, parse_seeds(seeds), grid):
+            child_overrides = [*overrides, *setting, *([f"seed={seed}"] if seed is not None else [])]
+            child = load_config(child_overrides)               # every setting is valid before anything starts
+            label = [s for s in setting if not s.startswith("seed=")]
+            children.append({"setting": " ".join(label) or "base", "seed": child.seed, "overrides": child_overrides,
+                             "dir": f"{slug(label) or 'base'}-seed{child.seed}"})
     check_reachable(tracking_uri(base))
     sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -247,3 +247,26 @@ def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
         sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=0,3"]), 1,
                          tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_seeds_are_the_users_own(tmp_path, fakes):
+    import json as _json
+
+    from flywheel import sweep as sweeps
+
+    assert sweeps.parse_seeds("3") == 3 and sweeps.parse_seeds("1000,2000") == [1000, 2000]
+    assert sweeps.parse_seeds([7, 9]) == [7, 9]
+    for bad in ("0", "a,b", "5,5", "-1,2"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            sweeps.parse_seeds(bad)
+    with pytest.raises(ConfigError, match="'seed' is a --grid axis and --seeds is given too"):
+        sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["seed=1,2"]), 2, tmp_path / "both")
+    sweep_dir = sweeps.run_sweep([*TINY, "laps=1", f"runs_root={tmp_path}"], sweeps.parse_grid(["seed=1000,2000"]),
+                                 seeds=1, sweep_dir=tmp_path / "grid", say=lambda m: None, parts=fakes["parts"])
+    children = _json.loads((sweep_dir / "sweep.json").read_text())["children"]
+    assert [(c["seed"], c["dir"]) for c in children] == [(1000, "base-seed1000"), (2000, "base-seed2000")]
+    assert [load_config(base=sweep_dir / c["dir"] / "config.yaml").seed for c in children] == [1000, 2000]
+    listed = sweeps.run_sweep([*TINY, "laps=1", f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=1"]),
+                              seeds="5,9", sweep_dir=tmp_path / "list", say=lambda m: None, parts=fakes["parts"])
+    children = _json.loads((listed / "sweep.json").read_text())["children"]
+    assert [c["dir"] for c in children] == ["simulator.fidelity_1-seed5", "simulator.fidelity_1-seed9"]
