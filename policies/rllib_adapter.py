@@ -1,11 +1,12 @@
-"""The one module that imports RLlib: PPO (new API stack, torch) whose EnvRunners step the served simulator.
+"""The RLlib adapter: PPO (new API stack, torch) whose EnvRunners step the served simulator.
 
 Canonical loop (what a lap's "improve the policy" phase does)::
 
     trainer = PolicyTrainer(ppo_config_for("pendulum"), EnvConfig(task="pendulum", addresses=[addr]))
-    for m in trainer.train(iterations=5):      # metrics per iteration
+    trainer.restore(previous)                  # verified files; runners hold the restored weights (checked)
+    for m in trainer.train(iterations=5):      # samples 5 * train_batch_size env steps, or SelfPlayError
         print(m["env_steps"], m["episode_return_mean"], m["reward/task"], m["success_rate"])
-    trainer.save(path)                         # RLlib checkpoint (optimizer state included) + our configs
+    trainer.save(path)                         # RLlib checkpoint + manifest of file digests + our configs
     policy = trainer.policy()                  # TorchPolicy: torch only, deterministic
     trainer.stop()
 
@@ -14,108 +15,55 @@ Each remote EnvRunner ``i`` (1-based) opens a ``services.RemoteVectorEnv`` sessi
 ``addresses=["local"]`` steps an in-process ``services.local_env.LocalVectorEnv`` instead (no gRPC).
 The reward PPO optimises is the service's combined reward; its terms and the success flags arrive
 in the step infos and are logged as ``reward/<term>`` and ``success_rate``. A runner whose process
-dies (or whose server goes away) is restarted by RLlib and training continues. Runners import
-``services`` (numpy, grpc, torch) only, never JAX: ``runner_probe()`` reports what they loaded.
+dies (or whose server goes away) is restarted by RLlib; it is given the learner's weights, checked by
+digest, before it samples again. Runners import ``services`` (numpy, grpc, torch) only, never JAX:
+``runner_probe()`` reports what they loaded. RLlib is imported here and in ``policies.rllib_runners`` only.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
+from typing import Self
 
 # RLlib imports JAX (via flax) at import time unless told not to; policy workers are torch-only.
 os.environ.setdefault("RLLIB_TEST_NO_JAX_IMPORT", "1")
 
-from typing import Self
-
 import gymnasium as gym
 import numpy as np
 import ray
-
-# RLlib's notices that say nothing to a Flywheel user (the JAX switch above, the new API stack being
-# the default, a GPU monitor that is not installed, its own deprecations) stay out of the progress.
-for _name in ("ray.rllib", "ray.tune.utils.util"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
-from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.tune.registry import register_env
 
-from policies.config import LOCAL, EnvConfig, PPOConfig
+from policies.checkpoint import CheckpointError, read_manifest, state_digest, write_manifest
+from policies.config import EnvConfig, PPOConfig
+from policies.rllib_runners import (
+    ENV_NAME,
+    HEAVY_MODULES,
+    TERMS,
+    FlywheelEnvRunner,
+    ServedRewardMetrics,
+    WeightSyncError,
+    learner_module_state,
+    make_served_env,
+    runner_digests,
+    runner_probe,
+    sync_runner_weights,
+    verify_runner_weights,
+)
 from policies.torch_policy import TorchPolicy
 
-ENV_NAME = "flywheel-served-simulator"
-TERMS = ("task", "imagination", "physics", "total")
-HEAVY_MODULES = ("jax", "jaxlib", "mujoco.mjx", "brax")
-_CONFIG_FILE = "flywheel_policy.json"
-_runner_index = 0  # set in each EnvRunner process before its env is made
+__all__ = ["CheckpointError", "PolicyTrainer", "SelfPlayError", "WeightSyncError", "build_rllib_config", "init_ray",
+           "make_served_env", "runner_probe", "ENV_NAME", "HEAVY_MODULES", "TERMS"]
 
 
-def make_served_env(ctx: dict) -> gym.vector.VectorEnv:
-    """RLlib env creator: a ``RemoteVectorEnv`` on this runner's server (the others as fallbacks)."""
-    from services.vector_env import RemoteVectorEnv  # deferred: the driver never opens a session
-
-    env = EnvConfig(**{k: v for k, v in ctx.items() if k != "num_envs"})
-    if env.addresses == [LOCAL]:
-        from services.config import ServerConfig
-        from services.local_env import LocalVectorEnv
-
-        return LocalVectorEnv(env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
-                              seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
-                              horizon=env.horizon, config=ServerConfig(task=env.task, engine=env.local_engine))
-    addresses = list(env.addresses)
-    first = max(_runner_index - 1, 0) % len(addresses)
-    order = addresses[first:] + addresses[:first]
-    errors = []
-    for address in order:
-        try:
-            return RemoteVectorEnv(address, env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
-                                   seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
-                                   horizon=env.horizon, world_model_version=env.world_model_version,
-                                   streaming=env.streaming, timeout=env.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - try the next server, report all if none answers
-            errors.append(f"{address}: {exc}")
-    raise ConnectionError("no simulator server accepted a session:\n" + "\n".join(errors))
-
-
-class FlywheelEnvRunner(SingleAgentEnvRunner):
-    """A SingleAgentEnvRunner that tells the env creator its index (RLlib passes it only a plain dict)."""
-
-    def make_env(self) -> None:
-        global _runner_index
-        _runner_index = int(self.worker_index)
-        super().make_env()
-
-
-def runner_probe(runner) -> dict:
-    """Process facts of an EnvRunner: pid, index and which JAX/MJX/Brax modules it has imported."""
-    loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
-    env = getattr(runner, "env", None)
-    client = getattr(env.unwrapped, "client", None) if env is not None else None
-    return {"pid": os.getpid(), "worker_index": int(runner.worker_index), "heavy_modules": loaded,
-            "address": getattr(client, "address", None)}
-
-
-class ServedRewardMetrics(RLlibCallback):
-    """Logs the service's per-term rewards (per-step means) and episode success as runner metrics."""
-
-    def on_episode_step(self, *, episode, metrics_logger=None, **kwargs) -> None:
-        info = episode.get_infos(-1)
-        for term in TERMS:
-            if f"reward/{term}" in info:
-                metrics_logger.log_value(f"reward/{term}", float(info[f"reward/{term}"]), reduce="mean")
-
-    def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
-        info = episode.get_infos(-1)
-        if "success" in info:
-            metrics_logger.log_value("success_rate", float(bool(info["success"])), reduce="mean")
+class SelfPlayError(RuntimeError):
+    """Self-play sampled fewer env steps than its budget and could not make up for it; the message says why."""
 
 
 def build_rllib_config(ppo: PPOConfig, env: EnvConfig) -> RLlibPPOConfig:
@@ -169,7 +117,12 @@ def _worker_pythonpath() -> str:
 
 
 class PolicyTrainer:
-    """PPO on RLlib's new API stack, trained in the served simulator; built from ``PPOConfig`` + ``EnvConfig``."""
+    """PPO on RLlib's new API stack, trained in the served simulator; built from ``PPOConfig`` + ``EnvConfig``.
+
+    Every EnvRunner holds the learner's weights before it samples: they are pushed explicitly and
+    compared by digest at construction, after ``restore``/``set_weights``, after a runner restart and
+    at the start of every iteration; a runner that still differs is a ``WeightSyncError``.
+    """
 
     def __init__(self, ppo: PPOConfig, env: EnvConfig, num_cpus: int | None = None):
         self.ppo, self.env = ppo.validate(), env.validate()
@@ -177,45 +130,111 @@ class PolicyTrainer:
         register_env(ENV_NAME, make_served_env)
         self.algo = build_rllib_config(ppo, env).build_algo()
         self.iteration = 0
+        self.sync_runners()
 
     # -- training ------------------------------------------------------------------------------
-    def train(self, iterations: int = 1, env_steps: int | None = None) -> list[dict]:
-        """Run ``iterations`` PPO iterations (or until ``env_steps`` more steps); metrics per iteration."""
-        if int(iterations) < 1 and not env_steps:
-            raise ValueError(f"train needs iterations >= 1 or env_steps > 0, got {iterations}, {env_steps}")
-        start, out = self.env_steps, []
-        while (len(out) < iterations) if not env_steps else (self.env_steps - start < env_steps):
-            t0 = time.perf_counter()
+    def train(self, iterations: int = 1, env_steps: int | None = None, max_retries: int = 3) -> list[dict]:
+        """Sample ``env_steps`` (default ``iterations * train_batch_size``) env steps with PPO; metrics per iteration.
+
+        An iteration that samples less than ``train_batch_size`` (runners died) is followed by more,
+        after waiting for RLlib to restart the runners and syncing them, up to ``max_retries`` short
+        iterations; then ``SelfPlayError`` says how many steps were sampled and why.
+        """
+        budget = int(env_steps) if env_steps else int(iterations) * self.ppo.train_batch_size
+        if budget < 1 or int(max_retries) < 0:
+            raise ValueError(f"train needs iterations >= 1 or env_steps > 0 and max_retries >= 0, "
+                             f"got iterations={iterations}, env_steps={env_steps}, max_retries={max_retries}")
+        out: list[dict] = []
+        sampled = short = 0
+        while sampled < budget:
+            self.verify_runners()
+            before, t0 = self.env_steps, time.perf_counter()
             result = self.algo.train()
             self.iteration += 1
-            out.append(self._summarise(result, time.perf_counter() - t0))
+            m = self._summarise(result, time.perf_counter() - t0, self.env_steps - before)
+            out.append(m)
+            sampled += m["env_steps_this_iter"]
+            if m["env_steps_this_iter"] >= self.ppo.train_batch_size or sampled >= budget:
+                continue
+            short += 1
+            cause = (f"{m['env_steps_this_iter']} of {self.ppo.train_batch_size} env steps sampled in iteration "
+                     f"{self.iteration}: {self._health()}")
+            if short > int(max_retries):
+                raise SelfPlayError(f"self-play sampled {sampled} of {budget} env steps after {len(out)} iteration(s) "
+                                    f"and {short - 1} retries; last: {cause}")
+            self._await_runners()
         return out
 
-    def _summarise(self, result: dict, seconds: float) -> dict:
-        runners = result.get("env_runners", {})
-        learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
-        nan = math.nan
+    def _health(self) -> str:
+        group = self.algo.env_runner_group
+        total = group.num_remote_env_runners()
+        if total == 0:
+            return "sampling in the driver (no remote EnvRunners)"
+        return (f"{total - group.num_healthy_remote_env_runners()} of {total} EnvRunners unhealthy, "
+                f"{group.num_remote_worker_restarts()} restarted so far")
+
+    def _await_runners(self, timeout_s: float | None = None) -> None:
+        """Wait (bounded) until RLlib has restarted the failed runners, then sync and verify them."""
+        group = self.algo.env_runner_group
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.ppo.sample_timeout_s)
+        while True:
+            restored = self.algo.restore_env_runners(group)
+            if restored:
+                sync_runner_weights(self.algo, list(restored))
+            if group.num_healthy_remote_env_runners() >= group.num_remote_env_runners() or time.monotonic() > deadline:
+                return
+            time.sleep(min(1.0, max(0.1, self.ppo.restart_delay_s)))
+
+    def _summarise(self, result: dict, seconds: float, sampled: int) -> dict:
+        runners = result.get("env_runners") or {}
+        learner = (result.get("learners") or {}).get(DEFAULT_MODULE_ID) or {}
         m = {
             "iteration": self.iteration,
-            "env_steps": int(result.get("num_env_steps_sampled_lifetime", 0)),
-            "env_steps_this_iter": int(runners.get("num_env_steps_sampled", 0)),
-            "episode_return_mean": float(runners.get("episode_return_mean", nan)),
-            "episode_len_mean": float(runners.get("episode_len_mean", nan)),
-            "episodes": int(runners.get("num_episodes", 0)),
-            "success_rate": float(runners.get("success_rate", nan)),
+            "env_steps": self.env_steps,
+            "env_steps_this_iter": max(0, int(sampled)),
+            "env_steps_asked": int(self.ppo.train_batch_size),
+            "episode_return_mean": _float(runners.get("episode_return_mean")),
+            "episode_len_mean": _float(runners.get("episode_len_mean")),
+            "episodes": _int(runners.get("num_episodes")),
+            "success_rate": _float(runners.get("success_rate")),
             "healthy_runners": int(self.algo.env_runner_group.num_healthy_remote_env_runners()),
-            "policy_loss": float(learner.get("policy_loss", nan)),
-            "vf_loss": float(learner.get("vf_loss", nan)),
-            "entropy": float(learner.get("entropy", nan)),
-            "time_s": seconds,
+            "runner_restarts": int(self.algo.env_runner_group.num_remote_worker_restarts()),
+            "policy_loss": _float(learner.get("policy_loss")),
+            "vf_loss": _float(learner.get("vf_loss")),
+            "entropy": _float(learner.get("entropy")),
+            "time_s": float(seconds),
         }
-        m.update({f"reward/{t}": float(runners.get(f"reward/{t}", nan)) for t in TERMS})
+        m.update({f"reward/{t}": _float(runners.get(f"reward/{t}")) for t in TERMS})
         return m
 
     @property
     def env_steps(self) -> int:
         """Env steps sampled over the trainer's lifetime (restored with a checkpoint)."""
-        return int(self.algo.metrics.peek("num_env_steps_sampled_lifetime", default=0))
+        return _int(self.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+
+    # -- weights on the runners ----------------------------------------------------------------
+    def weights_digest(self) -> str:
+        """``state_digest`` of the learner's inference-only module state: what every runner must hold."""
+        return state_digest(learner_module_state(self.algo)[0])
+
+    def runner_digests(self) -> list[dict]:
+        """Per healthy runner: ``worker_index``, ``pid``, ``digest``, ``expected`` (the learner's), ``matches``."""
+        return runner_digests(self.algo)
+
+    def sync_runners(self) -> dict[int, str]:
+        """Push the learner's weights to every healthy runner (blocking) and verify them; ``{index: digest}``."""
+        return sync_runner_weights(self.algo)
+
+    def verify_runners(self) -> dict[int, str]:
+        """Compare every healthy runner's digest with the learner's, resyncing (verified) any that differ."""
+        return verify_runner_weights(self.algo)
+
+    def last_samples(self) -> list[dict]:
+        """Per healthy runner, the first step of its latest sample: the weights digest it sampled with,
+        observation, action-distribution inputs and action (``None`` before its first sample)."""
+        return self.algo.env_runner_group.foreach_env_runner("flywheel_last_sample", local_env_runner=False) \
+            if self.algo.env_runner_group.num_remote_env_runners() else \
+            [self.algo.env_runner_group.local_env_runner.flywheel_last_sample()]
 
     # -- weights, policy, checkpoints ----------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -224,10 +243,9 @@ class PolicyTrainer:
         return {k: np.array(v) for k, v in weights.items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load module weights into the learner and push them to every EnvRunner."""
+        """Load module weights into the learner and into every EnvRunner (verified)."""
         self.algo.learner_group.set_weights({DEFAULT_MODULE_ID: dict(weights)})
-        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
-                                                inference_only=True)
+        self.sync_runners()
 
     def policy(self) -> TorchPolicy:
         """The current actor as a torch-only deterministic ``TorchPolicy``."""
@@ -235,18 +253,21 @@ class PolicyTrainer:
         if space is None:
             space = self.algo.env_runner_group.foreach_env_runner(
                 lambda r: r.env.unwrapped.single_action_space, local_env_runner=False)[0]
-        obs_size = int(self.get_weights()["encoder.actor_encoder.net.mlp.0.weight"].shape[1])
+        weights = self.get_weights()
+        obs_size = int(weights["encoder.actor_encoder.net.mlp.0.weight"].shape[1])
         policy = TorchPolicy(obs_size, space.low, space.high, self.ppo.hidden_sizes, self.ppo.activation)
-        return policy.load_module_weights(self.get_weights())
+        return policy.load_module_weights(weights)
 
     def save(self, path: str) -> str:
-        """Checkpoint (weights, optimizer state, counters) into directory ``path``; replaced atomically."""
+        """Checkpoint (weights, optimizer state, counters) into directory ``path`` with a manifest of file
+        digests; replaced atomically."""
         path = os.path.abspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.algo.save_to_path(tmp)
-        with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
-            json.dump({"ppo": asdict(self.ppo), "env": asdict(self.env), "iteration": self.iteration}, f, indent=1)
+        write_manifest(tmp, {"ppo": asdict(self.ppo), "env": asdict(self.env), "iteration": self.iteration,
+                             "env_steps": self.env_steps, "module_digest": self._module_digest(),
+                             "weights_digest": self.weights_digest()})
         old = f"{path}.old-{os.getpid()}"
         if os.path.exists(path):
             os.replace(path, old)
@@ -254,13 +275,13 @@ class PolicyTrainer:
         shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def restore(self, path: str) -> None:
-        """Restore a checkpoint written by ``save``; refuses one whose network differs from this trainer's."""
-        meta_path = os.path.join(path, _CONFIG_FILE)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{path} is not a policy checkpoint (no {_CONFIG_FILE})")
-        with open(meta_path) as f:
-            meta = json.load(f)
+    def restore(self, path: str) -> dict[int, str]:
+        """Restore a checkpoint written by ``save`` and give every runner its weights (verified).
+
+        ``CheckpointError`` (naming the file) for a missing, truncated or altered checkpoint; ``ValueError``
+        for one whose network or task differs from this trainer's. Returns the runners' digests.
+        """
+        meta = read_manifest(path)
         for key in ("hidden_sizes", "activation"):
             if meta["ppo"][key] != getattr(self.ppo, key):
                 raise ValueError(f"checkpoint {path} has PPOConfig.{key}={meta['ppo'][key]!r}, this trainer has "
@@ -268,7 +289,15 @@ class PolicyTrainer:
         if meta["env"]["task"] != self.env.task:
             raise ValueError(f"checkpoint {path} is for task {meta['env']['task']!r}, this trainer is for {self.env.task!r}")
         self.algo.restore_from_path(path)
+        if self._module_digest() != meta["module_digest"]:
+            raise CheckpointError(f"policy checkpoint {path}: the learner's weights after restoring differ from "
+                                  f"the saved ones (digest {self._module_digest()[:16]}, saved "
+                                  f"{meta['module_digest'][:16]})")
         self.iteration = int(meta.get("iteration", 0))
+        return self.sync_runners()
+
+    def _module_digest(self) -> str:
+        return state_digest(self.get_weights())
 
     # -- workers -------------------------------------------------------------------------------
     def runner_probe(self) -> list[dict]:
@@ -286,3 +315,17 @@ class PolicyTrainer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _float(value) -> float:
+    """A metric as a float; missing -> NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _int(value) -> int:
+    """A count as an int; missing or NaN (a dead runner's metrics) -> 0."""
+    v = _float(value)
+    return int(v) if math.isfinite(v) else 0

@@ -16,9 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from policies.checkpoint import CheckpointError, read_verified, write_verified
+
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU}
 _ENCODER = re.compile(r"^encoder\.actor_encoder\.net\.mlp\.(\d+)\.(weight|bias)$")
 _HEAD = re.compile(r"^pi\.net\.mlp\.(\d+)\.(weight|bias)$")
+MAGIC = b"FLYWHEEL-PI\x00"
+FORMAT = 1
 
 
 class TorchPolicy(nn.Module):
@@ -88,18 +92,23 @@ class TorchPolicy(nn.Module):
     # -- persistence ---------------------------------------------------------------------------
     def config(self) -> dict:
         return {"observation_size": self.observation_size, "action_low": self.action_low.tolist(),
-                    "action_high": self.action_high.tolist(), "hidden_sizes": self.hidden_sizes,
-                    "activation": self.activation}
+                "action_high": self.action_high.tolist(), "hidden_sizes": self.hidden_sizes,
+                "activation": self.activation}
 
     def save(self, path: str) -> None:
-        """Atomic save (temp file, fsync, rename) of the weights and the architecture."""
-        from simulators.dataset import atomic_write
-
-        atomic_write(path, lambda f: torch.save({"config": self.config(), "state_dict": self.state_dict()}, f))
+        """Atomic save (temp file, fsync, rename) of the weights and the architecture, with a sha256 digest."""
+        write_verified(path, {"format": FORMAT, "config": self.config(), "state_dict": self.state_dict()}, MAGIC)
 
     @classmethod
     def load(cls, path: str) -> TorchPolicy:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        policy = cls(**blob["config"])
-        policy.load_state_dict(blob["state_dict"])
+        """Load a file written by ``save``; ``CheckpointError`` naming the file if it is missing, truncated or altered."""
+        blob = read_verified(path, MAGIC, "policy file")
+        if blob.get("format") != FORMAT or not {"config", "state_dict"} <= set(blob):
+            raise CheckpointError(f"policy file {path} has format {blob.get('format')!r}, expected {FORMAT} "
+                                  f"with 'config' and 'state_dict'")
+        try:
+            policy = cls(**blob["config"])
+            policy.load_state_dict(blob["state_dict"])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"policy file {path} does not describe a TorchPolicy: {exc}") from exc
         return policy
