@@ -60,6 +60,8 @@ class RealitySection:
     seed_action_scale: float = 1.0  # the seed policy's actions span this fraction of the action bounds
     seed_envs: int = 16
     eval_episodes: int = 32
+    steps_per_lap: int = 0          # reality transitions each lap spends with the lap's policy (train the WM too)
+    gap_warning: float = 0.3        # flag a lap whose simulated success exceeds reality's by more than this
 
 
 @dataclass
@@ -110,6 +112,7 @@ class FlywheelConfig:
     task: str = "pendulum"
     seed: int = 0
     laps: int = 4
+    retrain: bool = True            # false: the world model stays the seed model (the no-retraining ablation)
     preset: str | None = None
     run_dir: str | None = None
     runs_root: str = "runs"
@@ -205,6 +208,8 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("reality.seed_envs", cfg.reality.seed_envs, 1)
     _check_range("reality.eval_episodes", cfg.reality.eval_episodes, 1)
     _check_range("reality.seed_action_scale", cfg.reality.seed_action_scale, 0.01, 1.0)
+    _check_range("reality.steps_per_lap", cfg.reality.steps_per_lap, 0)
+    _check_range("reality.gap_warning", cfg.reality.gap_warning, 0.0, 1.0)
     _check_range("simulator.fidelity", cfg.simulator.fidelity, 0.0, 1.0)
     _check_choice("simulator.mode", cfg.simulator.mode, SIM_MODES)
     _check_range("simulator.horizon", cfg.simulator.horizon, 1)

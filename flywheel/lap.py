@@ -3,6 +3,8 @@
     seed       (lap 0 only) random-policy data from reality; the first world model
     self_play  simulator servers serve the latest world model; PPO trains there from the last lap's policy;
                the servers record every graded transition into the store
+    reality    (when ``reality.steps_per_lap`` > 0) the lap's policy spends a reality budget; the
+               transitions are stored and train the world model beside the selected ones
     select     successful, accurate, physically plausible episodes go to the trajectory store
     retrain    a new world-model version, fitted on the seed data plus every selected trajectory so far
     evaluate   the policy and the new world model are measured in reality
@@ -29,7 +31,7 @@ from flywheel.config import FlywheelConfig
 from flywheel.store import TrajectoryStore
 from simulators.dataset import atomic_write
 
-STAGES = ("seed", "self_play", "select", "retrain", "evaluate", "log")
+STAGES = ("seed", "self_play", "reality", "select", "retrain", "evaluate", "log")
 EPISODE_STRIDE = 100_000_000    # self-play episode ids of lap L start at (L + 1) * stride
 
 
@@ -105,6 +107,11 @@ class LapContext:
 
         return Reality(self.cfg.task, engine=self.cfg.reality.engine, params=vars(self.cfg.reality.params))
 
+    def reality_task(self):
+        from simulators.tasks import make_task
+
+        return make_task(self.cfg.task)
+
 
 @dataclass
 class LapRecord:
@@ -151,6 +158,8 @@ def run_lap(ctx: LapContext, parts: LapParts, progress: Callable[[str], None] = 
     if ctx.lap == 0:
         stage("seed", lambda: stages.seed(ctx, parts))
     stage("self_play", lambda: stages.self_play(ctx, parts))
+    if ctx.cfg.reality.steps_per_lap > 0:
+        stage("reality", lambda: stages.reality(ctx))
     stage("select", lambda: stages.select(ctx))
     stage("retrain", lambda: stages.retrain(ctx, parts))
     stage("evaluate", lambda: parts.evaluate(ctx))

@@ -82,6 +82,7 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
     from policies.evaluate import evaluate as evaluate_policy
     from policies.torch_policy import TorchPolicy
     from simulators.dataset import SOURCE_REALITY
+    from simulators.physics import make_engine
     from simulators.reality import episodes_to_dataset
     from simulators.world_model import WorldModel, one_step_error, open_loop_error
 
@@ -101,7 +102,9 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
     actual = ep.states[:, 1: k * H + 1].reshape(B, k, H, S)
     imagined = wm.imagine(starts.reshape(B * k, S), acts.reshape(B * k, H, -1))
     accuracy = rewards.imagination_accuracy(imagined, actual.reshape(B * k, H, S), wm.state_scale)
-    engine = reality.engine                      # the agent's imagination is checked against reality's physics
+    # physics feedback comes from the simulator's own engine: reality is only observed, never stepped from
+    # imagined states (a real system could not offer that)
+    engine = make_engine(cfg.engine.name, cfg.task, vars(cfg.engine.params))
     report = rewards.physics_violation(engine, starts.reshape(B * k, S), acts.reshape(B * k, H, -1), imagined,
                                        cfg.rewards, scale=wm.state_scale)
     real0 = ep.states[0, : k * H + 1]
@@ -113,6 +116,7 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
             f"reality episodes")
     return {"capability/success_rate": ev["success_rate"], "capability/return": ev["return_mean"],
             "capability/return_std": ev["return_std"],
+            "capability/goal_time_fraction": float(np.mean(ep.good)),
             "world_model/one_step_error": one_step_error(wm, data),
             "world_model/open_loop_error": open_loop_error(wm, data, horizon=H)["open_loop_mse"],
             "imagination/accuracy": float(np.mean(accuracy)),

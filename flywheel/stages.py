@@ -92,6 +92,25 @@ def _carry_policy(ctx: LapContext, trainer) -> dict:
     return out
 
 
+# -- reality ------------------------------------------------------------------------------------
+REALITY_OFFSET = 500_000           # per-lap reality episodes: lap * 1e6 + this (seed episodes start at 0)
+
+
+def reality(ctx: LapContext) -> dict:
+    """Spend the lap's reality budget with the lap's policy; the transitions train the world model too."""
+    from policies.torch_policy import TorchPolicy
+    from simulators.reality import EPISODE_ID_STRIDE
+
+    cfg = ctx.cfg
+    policy = TorchPolicy.load(str(ctx.policy_path(ctx.lap)))
+    data = ctx.reality().collect(policy, n_steps=cfg.reality.steps_per_lap, n_envs=cfg.reality.seed_envs,
+                                 seed=cfg.seed + 7919 * (ctx.lap + 1), lap=ctx.lap,
+                                 episode_offset=ctx.lap * EPISODE_ID_STRIDE + REALITY_OFFSET)
+    entry = ctx.store.add(ctx.lap, "reality", data)
+    ctx.say(f"reality: {len(data)} transitions with the lap's policy ({entry.successes}/{entry.episodes} successes)")
+    return {"data/reality_transitions": len(data), "reality/lap_success_rate": entry.successes / max(entry.episodes, 1)}
+
+
 # -- select -------------------------------------------------------------------------------------
 def select(ctx: LapContext) -> dict:
     """Choose the lap's successful trajectories from the server's recordings and store them."""
@@ -124,8 +143,17 @@ def _grade_means(raw, horizon: int) -> dict:
 
 # -- retrain ------------------------------------------------------------------------------------
 def retrain(ctx: LapContext, parts: LapParts) -> dict:
-    """A new world-model version: warm-started from the last one, fitted on seed + all selected data."""
+    """A new world-model version: warm-started from the last one, fitted on seed + selected + reality data.
+
+    With ``retrain=false`` (the ablation) the lap keeps the previous world model unchanged.
+    """
+    import shutil
+
     data = ctx.store.training_data(ctx.lap)
+    if not ctx.cfg.retrain:
+        shutil.copyfile(ctx.wm_path(ctx.lap - 1), ctx.wm_path(ctx.lap))
+        ctx.say(f"retrain: off (retrain=false); the world model stays {ctx.wm_path(ctx.lap - 1).name}")
+        return {"data/total_transitions": len(data)}
     wm, fit = parts.fit_world_model(ctx, data, ctx.wm_path(ctx.lap - 1))
     wm.save(ctx.wm_path(ctx.lap))
     ctx.say(f"retrain: {len(data)} transitions, world model {wm.version}")
@@ -139,6 +167,7 @@ def log(ctx: LapContext, rec: LapRecord) -> dict:
 
     t0 = time.time()
     rec.metrics["lap/seconds"] = sum(v for k, v in rec.metrics.items() if k.startswith("time/"))
+    rec.metrics.update(lap_costs(ctx, rec.metrics))
     rec.logged = True
     rec.save(ctx.record_path)
     files = write_run_report(ctx.run_dir)
@@ -152,6 +181,31 @@ def log(ctx: LapContext, rec: LapRecord) -> dict:
     ctx.tracker.log_artifact(ctx.run_dir / "config.yaml", "config")
     ctx.say(f"log: {n} metrics at step {ctx.lap}; lap took {rec.metrics['lap/seconds']:.0f} s")
     return {"time/log": rec.metrics["time/log"]}
+
+
+def lap_costs(ctx: LapContext, m: dict) -> dict:
+    """What a useful trajectory cost this lap, the reality transitions spent so far, and the sim-to-real gap."""
+    selected = m.get("data/selected_trajectories", 0)
+    spent = ctx.cfg.reality.seed_steps if ctx.lap == 0 else 0
+    spent += m.get("data/reality_transitions", 0)
+    previous = previous_metrics(ctx)
+    sim, real = m.get("self_play/success_rate", np.nan), m.get("capability/success_rate", np.nan)
+    gap = sim - real if np.isfinite(sim) and np.isfinite(real) else np.nan
+    flagged = bool(np.isfinite(gap) and gap > ctx.cfg.reality.gap_warning)
+    if flagged:
+        ctx.say(f"WARNING sim-to-real gap {gap:.2f}: success {sim:.2f} in the simulator vs {real:.2f} in reality")
+    return {"cost/seconds_per_selected": m["lap/seconds"] / selected if selected else np.nan,
+            "cost/steps_per_selected": m.get("self_play/env_steps", np.nan) / selected if selected else np.nan,
+            "reality/transitions_total": previous.get("reality/transitions_total", 0.0) + spent,
+            "reality/eval_transitions": float(ctx.cfg.reality.eval_episodes * ctx.reality_task().episode_length),
+            "gap/sim_minus_reality_success": gap, "gap/flagged": float(flagged)}
+
+
+def previous_metrics(ctx: LapContext) -> dict:
+    """The previous lap's recorded metrics (empty in lap 0)."""
+    if ctx.lap == 0:
+        return {}
+    return LapRecord.load(ctx.run_dir / "laps" / f"lap_{ctx.lap - 1:03d}" / "metrics.json", ctx.lap - 1).metrics
 
 
 def scalars(metrics: dict) -> dict:

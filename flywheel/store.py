@@ -6,6 +6,7 @@ Layout under ``<run_dir>/store``::
     lap_000/seed.npz              reality seed data (lap 0)
     lap_NNN/raw/*.npz             what the lap's simulator server recorded (the server writes here)
     lap_NNN/selected.npz          the lap's selected self-play trajectories
+    lap_NNN/reality.npz           reality transitions the lap spent with its policy (``reality.steps_per_lap``)
 
 Writes go shard first, manifest second, both atomic (temp file, fsync, ``os.replace``). A reader
 trusts only the manifest, so a crash between the two leaves an orphan file that is never read and
@@ -24,7 +25,7 @@ import numpy as np
 
 from simulators.dataset import SOURCE_REALITY, SOURCE_SIM, TransitionDataset, atomic_write
 
-KINDS = {"seed": SOURCE_REALITY, "selected": SOURCE_SIM, "eval": SOURCE_REALITY}
+KINDS = {"seed": SOURCE_REALITY, "selected": SOURCE_SIM, "reality": SOURCE_REALITY, "eval": SOURCE_REALITY}
 
 
 @dataclass
@@ -88,12 +89,12 @@ class TrajectoryStore:
         return TransitionDataset.concat(parts) if parts else None
 
     def training_data(self, upto: int) -> TransitionDataset:
-        """Seed data plus every selected trajectory of laps ``<= upto``."""
+        """Seed data, every selected trajectory and every per-lap reality batch of laps ``<= upto``."""
         seed = self.load(kind="seed")
         if seed is None:
             raise FileNotFoundError(f"no seed shard in the trajectory store {self.root}; lap 0 must run first")
-        selected = self.load(kind="selected", upto=upto)
-        return TransitionDataset.concat([seed, selected]) if selected is not None and len(selected) else seed
+        more = [self.load(kind=k, upto=upto) for k in ("selected", "reality")]
+        return TransitionDataset.concat([seed, *(d for d in more if d is not None and len(d))])
 
     # -- the server's raw recordings -----------------------------------------------------------
     def raw_dir(self, lap: int) -> Path:
