@@ -42,7 +42,12 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
     try:
         yield served
         stopped = True
-        served.report = stop_server_actors(actors)     # raises RecordingError if a recorder lost data
+        reports = stop_server_actors(actors)           # raises RecordingError if a recorder failed to write
+        served.report = {"served": sum(r["transitions_served"] for r in reports),
+                         "stored": sum(r["transitions_stored"] for r in reports),
+                         "shards": sum(r["shards"] for r in reports),
+                         "server_restarts": sum(max(0, r["incarnation"]) for r in reports),
+                         "stop_errors": [r["stop_error"] for r in reports if r.get("stop_error")]}
     finally:
         if not stopped:
             with contextlib.suppress(Exception):        # the body's error is the one to report

@@ -48,9 +48,7 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
         trainer = parts.trainer(ctx, served.addresses)
         try:
             carried = _carry_policy(ctx, trainer)
-            history = trainer.train_budget(budget, progress=lambda m: ctx.say(
-                f"self_play: iteration {m['iteration']}, {m['env_steps_total']}/{budget} steps, "
-                f"return {m['episode_return_mean']:.1f}"))
+            history = _train(ctx, trainer, budget)
             carried["end_digest"] = trainer.weights_digest()
             trainer.save(str(ctx.policy_path(ctx.lap, trainer=True)))      # atomic, with a digest manifest
             trainer.policy().save(str(ctx.policy_path(ctx.lap)))
@@ -59,21 +57,37 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
         t2 = time.time()
     write_json(ctx.lap_dir / "policy.json", carried)
     steps = int(sum(h["env_steps_this_iter"] for h in history))
-    if steps < budget:
+    if steps < budget:                              # the trainer raises first; a lap never trusts it blindly
         raise LapFailed(f"self-play sampled {steps} of its {budget} env steps")
     report = served.report
-    if report.get("stored", 0) <= 0:
+    raw = ctx.store.read_raw(ctx.lap)                # what is on disk is what the lap has
+    stored = 0 if raw is None else len(raw)
+    if stored <= 0:
         raise LapFailed(f"self-play sampled {steps} env steps but the servers stored none "
                         f"({report.get('served', 0)} served); the lap has no data to select from")
     last = history[-1]
     return {"self_play/env_steps": float(steps), "self_play/iterations": float(len(history)),
             "self_play/episode_return_mean": float(last.get("episode_return_mean", np.nan)),
             "self_play/success_rate": float(last.get("success_rate", np.nan)),
-            "self_play/runner_restarts": float(sum(h.get("runner_restarts", 0) for h in history)),
+            "self_play/runner_restarts": float(last.get("runner_restarts", 0)),
+            "self_play/server_restarts": float(report.get("server_restarts", 0)),
             "data/served_transitions": float(report.get("served", 0)),
-            "data/stored_transitions": float(report.get("stored", 0)),
-            "data/lost_transitions": float(max(0, report.get("served", 0) - report.get("stored", 0))),
+            "data/stored_transitions": float(stored),
             "time/serve": (t1 - t0) + (time.time() - t2), "time/self_play": t2 - t1}
+
+
+def _train(ctx: LapContext, trainer, budget: int) -> list[dict]:
+    """PPO iterations until ``budget`` env steps are sampled (the trainer retries short ones or raises)."""
+    history, steps = [], 0
+    while steps < budget:
+        for m in trainer.train(env_steps=min(ctx.cfg.ppo.train_batch_size, budget - steps)):
+            history.append(m)
+            steps += int(m["env_steps_this_iter"])
+            ctx.say(f"self_play: iteration {len(history)}, {steps}/{budget} steps, "
+                    f"return {m['episode_return_mean']:.1f}, success {m.get('success_rate', float('nan')):.2f}")
+        if not history or history[-1]["env_steps_this_iter"] <= 0:
+            break                                   # nothing sampled: reported below, never looped on
+    return history
 
 
 def _carry_policy(ctx: LapContext, trainer) -> dict:
@@ -86,7 +100,7 @@ def _carry_policy(ctx: LapContext, trainer) -> dict:
         trainer.restore(str(previous))              # checks the checkpoint's digests, syncs and verifies runners
         out["restored_from"] = str(previous)
     out["start_digest"] = trainer.weights_digest()
-    out["runner_digests"] = trainer.runner_digests()
+    out["runner_digests"] = [r["digest"] for r in trainer.runner_digests()]
     if any(d != out["start_digest"] for d in out["runner_digests"]):
         raise LapFailed(f"EnvRunner weights {out['runner_digests']} differ from the learner's {out['start_digest']}")
     return out

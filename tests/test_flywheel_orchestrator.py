@@ -49,9 +49,11 @@ class FakeTrainer:
         return self.digest
 
     def runner_digests(self):
-        return [self.digest] if self.calls["runner_digest"] is None else [self.calls["runner_digest"]]
+        digest = self.digest if self.calls["runner_digest"] is None else self.calls["runner_digest"]
+        return [{"worker_index": 1, "digest": digest, "expected": self.digest, "matches": digest == self.digest}]
 
-    def train_budget(self, budget, progress=None):
+    def train(self, env_steps):
+        budget = env_steps
         ctx = self.ctx
         self.calls["self_play"] += 1
         if self.calls["signal_at"] == ctx.lap:
@@ -64,11 +66,12 @@ class FakeTrainer:
         n = len(data)
         data.rewards = {"task": np.full(n, 0.5, np.float32), "imagination": np.full(n, 0.8, np.float32),
                         "physics": np.full(n, -0.1, np.float32), "total": np.full(n, 0.9, np.float32)}
-        data.save(ctx.store.raw_dir(ctx.lap) / "session-0.npz")
+        if self.calls.get("write_raw", True):
+            data.save(ctx.store.raw_dir(ctx.lap) / "session-0.npz")
         self.calls["served"] = n
         steps = budget if self.calls["short_by"] is None else budget - self.calls["short_by"]
         self.digest = f"lap{ctx.lap}"
-        return [{"iteration": 1, "env_steps_this_iter": steps, "env_steps_total": steps, "episode_return_mean": 1.0}]
+        return [{"iteration": 1, "env_steps_this_iter": steps, "episode_return_mean": 1.0}]
 
     def save(self, path):
         os.makedirs(path, exist_ok=True)
@@ -180,6 +183,8 @@ def test_sigterm_mid_lap_ends_the_run_killed_and_resume_redoes_only_that_stage(t
 ])
 def test_self_play_that_cannot_be_trusted_fails_the_lap(tmp_path, fakes, fault, message):
     fakes[fault] = {"short_by": 1, "stored": 0, "runner_digest": "stale"}[fault]
+    if fault == "stored":
+        fakes["write_raw"] = False
     orch = make(tmp_path, fakes)
     with pytest.raises(Exception, match=message):
         orch.run()
