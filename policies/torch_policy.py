@@ -61,7 +61,7 @@ class TorchPolicy(nn.Module):
         """numpy in -> numpy out (float32); torch in -> torch out."""
         if isinstance(obs, torch.Tensor):
             return self.forward(obs.to(self.action_low.dtype))
-        x = np.asarray(obs, dtype=np.float32)
+        x = np.array(obs, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.observation_size:
             raise ValueError(f"observations have shape {x.shape}, expected (batch, {self.observation_size})")
         return self.forward(torch.from_numpy(x)).numpy()
