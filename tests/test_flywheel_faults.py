@@ -146,6 +146,7 @@ def test_corrupt_policy_checkpoint_is_refused_then_a_killed_server_is_survived(t
     record = json.loads((run_dir / "laps" / "lap_001" / "metrics.json").read_text())["metrics"]
     cfg = load_config(base=run_dir / "config.yaml")
     assert record["self_play/env_steps"] >= cfg.self_play.iterations * cfg.ppo.train_batch_size
+    assert record["self_play/server_restarts"] >= 1                # Ray brought the killed server back
     for key in ("self_play/env_steps", "data/stored_transitions", "capability/success_rate"):
         assert sorted(s for s, _ in tracker.metric_history(key)) == [0, 1], key
     raw = TrajectoryStore(run_dir / "store").read_raw(1)
