@@ -5,7 +5,9 @@
     reality.rollout(policy, n_envs=32)         # a TorchPolicy is a Reality policy callable
 
 The network maps observations to the mean of the action distribution in the normalised space
-[-1, 1]; actions are un-squashed to the bounds and clipped there, as RLlib does before stepping.
+[-1, 1]; actions are un-squashed to the bounds and clipped there, as RLlib does before stepping
+(tests/test_policies_carry_over.py checks this against RLlib's own runner, bit for bit). Saved files
+carry a sha256 digest (``policies.checkpoint``); a damaged file is a ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations

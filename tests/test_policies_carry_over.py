@@ -16,7 +16,7 @@ from ray.rllib.utils.spaces.space_utils import unsquash_action
 from policies import EnvConfig, ppo_config_for
 from policies.checkpoint import CheckpointError
 from policies.rllib_adapter import PolicyTrainer
-from policies.rllib_runners import FlywheelEnvRunner, learner_module_state, make_served_env
+from policies.rllib_runners import FlywheelEnvRunner, WeightSyncError, learner_module_state, make_served_env
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,27 @@ def test_a_runner_that_missed_a_push_is_resynced_before_it_samples(trainer):
     assert all(s["digest"] == digest for s in trainer.last_samples())
 
 
+def test_a_runner_that_ignores_the_weights_is_an_error_naming_it(trainer):
+    group = trainer.algo.env_runner_group
+
+    def deaf(runner):
+        runner.module.set_state = lambda state: None              # drops every weight update
+
+    def heal(runner):
+        del runner.module.set_state
+
+    weights = trainer.get_weights()
+    group.foreach_env_runner(deaf, local_env_runner=False, remote_worker_ids=[2])
+    try:
+        with pytest.raises(WeightSyncError, match=r"EnvRunner 2 \(pid \d+\) holds weights with digest \w+ after an "
+                                                  r"explicit sync, the learner's are \w+"):
+            trainer.set_weights({k: v + 0.01 for k, v in weights.items()})
+    finally:
+        group.foreach_env_runner(heal, local_env_runner=False, remote_worker_ids=[2])
+    trainer.set_weights(weights)
+    assert all(d["matches"] for d in trainer.runner_digests())
+
+
 @pytest.mark.parametrize("defect", ["flip", "truncate", "delete_file", "delete_dir", "manifest"])
 def test_a_damaged_trainer_checkpoint_is_refused_naming_the_file(trainer, tmp_path, defect):
     path = trainer.save(str(tmp_path / "policy_lap000"))
@@ -117,6 +138,7 @@ def test_a_damaged_trainer_checkpoint_is_refused_naming_the_file(trainer, tmp_pa
 def test_torch_policy_acts_exactly_as_rllib_sends_actions_to_the_env(trainer):
     """An in-process FlywheelEnvRunner (RLlib's module, connectors and action normalisation) steps a
     recording env deterministically; TorchPolicy on the same observations gives the same actions."""
+    clipped = {}
     for head_scale in (1.0, 25.0):                                # 25: many means beyond [-1, 1], clipped
         weights = trainer.get_weights()
         weights = {k: v * head_scale if k.startswith("pi.net") else v for k, v in weights.items()}
@@ -134,12 +156,12 @@ def test_torch_policy_acts_exactly_as_rllib_sends_actions_to_the_env(trainer):
             runner.stop()
         policy = trainer.policy()
         assert len(recorded) >= 30
-        clipped = 0
         for obs, actions in recorded:
             ours = policy(obs)
             np.testing.assert_array_equal(ours, np.asarray(actions, np.float32).reshape(ours.shape))
-            clipped += int(np.isin(ours, [-1.0, 1.0]).sum())
-        assert (clipped > 0) == (head_scale > 1)
+        actions = np.concatenate([a for _, a in recorded])
+        clipped[head_scale] = float(np.isin(actions, [-1.0, 1.0]).mean())
+    assert clipped[1.0] < 0.5 < clipped[25.0], clipped            # both the interior and the clipped case
 
 
 class _Recording(gym.vector.VectorWrapper):
