@@ -230,11 +230,12 @@ class PolicyTrainer:
         return verify_runner_weights(self.algo)
 
     def last_samples(self) -> list[dict]:
-        """Per healthy runner, the first step of its latest sample: the weights digest it sampled with,
-        observation, action-distribution inputs and action (``None`` before its first sample)."""
-        return self.algo.env_runner_group.foreach_env_runner("flywheel_last_sample", local_env_runner=False) \
-            if self.algo.env_runner_group.num_remote_env_runners() else \
-            [self.algo.env_runner_group.local_env_runner.flywheel_last_sample()]
+        """Per healthy runner, the first step of its latest sample: the weights ``digest`` it sampled with, ``pid``,
+        ``obs``, ``action_dist_inputs`` and ``action`` (``None`` for a runner that has not sampled yet)."""
+        group = self.algo.env_runner_group
+        if not group.num_remote_env_runners():
+            return [group.local_env_runner.flywheel_last_sample()]
+        return group.foreach_env_runner("flywheel_last_sample", local_env_runner=False)
 
     # -- weights, policy, checkpoints ----------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:

@@ -119,11 +119,13 @@ class FlywheelEnvRunner(SingleAgentEnvRunner):
 
 def _first_step(episodes, digest: str) -> dict:
     out = {"digest": digest, "pid": os.getpid()}
-    if episodes:
+    try:
         ep = episodes[0]
         out["obs"] = np.asarray(ep.get_observations(0), np.float32)
         out["action"] = np.asarray(ep.get_actions(0), np.float32)
         out["action_dist_inputs"] = np.asarray(ep.get_extra_model_outputs("action_dist_inputs", 0), np.float32)
+    except (IndexError, KeyError, TypeError):   # no episodes, or random actions without distribution inputs
+        pass
     return out
 
 
@@ -233,11 +235,11 @@ def verify_runner_weights(algo) -> dict[int, str]:
     """Compare every healthy runner's digest with the learner's; resync (verified) the ones that differ."""
     module_state, _ = learner_module_state(algo)
     reports = runner_digests(algo, module_state)
-    stale = [r["worker_index"] for r in reports if not r["matches"] or not r["synced"]]
+    good = {r["worker_index"]: r["digest"] for r in reports if r["matches"] and r["synced"]}
+    stale = [r["worker_index"] for r in reports if r["worker_index"] not in good]
     if stale:
-        sync_runner_weights(algo, stale if _remote(algo) else None)
-        reports = runner_digests(algo)
-    return {r["worker_index"]: r["digest"] for r in reports}
+        good.update(sync_runner_weights(algo, stale if _remote(algo) else None))
+    return dict(sorted(good.items()))
 
 
 def _mismatch(report: dict) -> str:
