@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.policies --runners 1 2 --envs 16
 
 fidelity: $(STAMP)
-	$(BIN)/python -m benchmarks.fidelity preset=fidelity
+	$(BIN)/python -m benchmarks.fidelity $(if $(QUICK),--quick,)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,10 +1,12 @@
-"""The fidelity experiment: reality success rate and WM open-loop error per lap, per fidelity, over seeds.
+"""The fidelity experiment: capability per lap per fidelity over seeds, beside its ablations.
 
-    python benchmarks/fidelity.py preset=fidelity                   # 5 fidelities x 5 laps x 3 seeds (long)
-    python benchmarks/fidelity.py --fidelities 0,1 --laps 3 --seeds 1 preset=smoke    # a quick look
+    python -m benchmarks.fidelity                 # full: configs/sweep/fidelity.yaml (3 fidelities x 5 laps x 5 seeds,
+                                                  # with the no-retrain and PPO-in-reality ablations; long)
+    python -m benchmarks.fidelity --quick         # a check: fidelities 0,1 x 3 laps x 2 seeds, smoke budgets
 
-Runs ``flywheel sweep`` (one parent MLflow run, a child per fidelity and seed), prints the
-compounding tables (mean ± std over seeds) and the lap wall-clock per stage on this machine.
+Runs ``flywheel sweep`` (one parent MLflow run, a child per setting and seed), prints the report
+(mean [95% bootstrap CI] per lap, the compounding gain, significance in words) and the lap
+wall-clock per stage on this machine, and how long the whole experiment took.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from flywheel.report import load_history
-from flywheel.sweep import parse_grid, run_sweep
+from flywheel.sweep import load_spec, parse_grid, run_sweep
 
-STAGES = ("seed", "serve", "self_play", "select", "retrain", "evaluate", "log")
+STAGES = ("seed", "serve", "self_play", "reality", "select", "retrain", "evaluate", "log")
 
 
 def stage_table(sweep_dir: Path) -> str:
@@ -41,15 +45,18 @@ def stage_table(sweep_dir: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra config overrides (e.g. task=cartpole)")
-    p.add_argument("--fidelities", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--laps", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fidelities 0,1 x 3 laps x 2 seeds on the smoke budgets")
+    p.add_argument("--spec", default=str(ROOT / "configs" / "sweep" / "fidelity.yaml"))
     p.add_argument("--run-dir", default=None, help="sweep directory (an existing one is continued)")
     args = p.parse_args()
-    sweep_dir = run_sweep([f"laps={args.laps}", *args.overrides],
-                          parse_grid([f"simulator.fidelity={args.fidelities}"]), args.seeds, args.run_dir)
+    overrides, grid, seeds, ablations = load_spec(args.spec)
+    if args.quick:
+        overrides, grid, seeds = ["preset=smoke", "laps=3"], parse_grid(["simulator.fidelity=0,1"]), 2
+    t0 = time.time()
+    sweep_dir = run_sweep([*overrides, *args.overrides], grid, seeds, args.run_dir, ablations=ablations)
     print()
     print(stage_table(sweep_dir))
+    print(f"\nthe experiment took {(time.time() - t0) / 60:.1f} min ({'quick' if args.quick else 'full'} mode)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     flywheel run [key=value ...] [--run-dir DIR]           a new run (progress lines, a per-lap table at the end)
     flywheel run --resume DIR [key=value ...] [--force]    continue a run after its last finished stage
-    flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N|S1,S2 [--run-dir DIR]
+    flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N|S1,S2 [--ablations] [--run-dir DIR]
     flywheel sweep --spec configs/sweep/fidelity.yaml [key=value ...]
     flywheel serve [--port P --task T ...]                 a standalone simulator server (services.server)
     flywheel report DIR                                    rebuild the report of a run or a sweep
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default="1", help="seeds per setting: a count N (seed, seed+1, ...) or a list "
                        "1000,2000 (default 1)")
     sweep.add_argument("--run-dir", help="sweep directory (an existing one is continued)")
+    sweep.add_argument("--ablations", action="store_true", help="beside each setting: the same laps without "
+                       "world-model retraining, and PPO trained directly in reality")
     sweep.add_argument("--spec", help="a YAML with overrides, grid and seeds (e.g. configs/sweep/fidelity.yaml)")
     serve = sub.add_parser("serve", help="a standalone simulator server", add_help=False)
     serve.add_argument("args", nargs=argparse.REMAINDER)
@@ -90,10 +92,13 @@ def _command(args) -> int:
         from flywheel.sweep import load_spec, parse_grid, run_sweep
 
         overrides, grid, seeds = list(args.overrides), parse_grid(args.grid) if args.grid else {}, args.seeds
+        ablations = args.ablations
         if args.spec:
-            spec_overrides, spec_grid, seeds = load_spec(args.spec)
+            spec_overrides, spec_grid, spec_seeds, spec_ablations = load_spec(args.spec)
             overrides, grid = [*spec_overrides, *overrides], {**spec_grid, **grid}
-        run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say)
+            seeds = args.seeds if args.seeds != "1" else spec_seeds
+            ablations = ablations or spec_ablations
+        run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say, ablations=ablations)
         return 0
     return _report(Path(args.run_dir))
 
@@ -131,7 +136,7 @@ def _config_show(args) -> int:
 
 def _report(run_dir: Path) -> int:
     from flywheel.report import format_table, load_history, write_run_report
-    from flywheel.sweep import write_sweep_report
+    from flywheel.sweep_report import write_sweep_report
 
     if (run_dir / "sweep.json").exists():
         files = write_sweep_report(run_dir, say=_say)

@@ -129,7 +129,10 @@ def write_run_report(run_dir: str | Path) -> list[Path]:
 
 # -- sweeps ------------------------------------------------------------------------------------
 def sweep_summary(runs: list[dict], key: str = "capability/success_rate") -> list[dict]:
-    """Group child runs (``{"setting": str, "seed": int, "rows": history}``) by setting: mean and std per lap."""
+    """Group child runs (``{"setting", "seed", "rows"}``) by setting: per lap the mean over seeds, its 95%
+    bootstrap interval (``lo``, ``hi``), std, min, max, and ``by_seed`` (lap index -> {seed: value})."""
+    from flywheel.stats import bootstrap_ci
+
     out = []
     for setting in dict.fromkeys(r["setting"] for r in runs):
         members = [r for r in runs if r["setting"] == setting]
@@ -140,23 +143,25 @@ def sweep_summary(runs: list[dict], key: str = "capability/success_rate") -> lis
                 values[i, laps.index(row["lap"])] = row.get(key, np.nan)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)   # a lap no seed reached yet is all-NaN
-            mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
-            low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-        out.append({"setting": setting, "seeds": len(members), "laps": laps, "mean": mean, "std": std,
-                    "min": low, "max": high})
+            std, low, high = np.nanstd(values, axis=0), np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+        ci = np.array([bootstrap_ci(values[:, j]) for j in range(len(laps))]).reshape(len(laps), 3)
+        out.append({"setting": setting, "seeds": len(members), "laps": laps, "mean": ci[:, 0], "lo": ci[:, 1],
+                    "hi": ci[:, 2], "std": std, "min": low, "max": high,
+                    "by_seed": [{r["seed"]: values[i, j] for i, r in enumerate(members)} for j in range(len(laps))]})
     return out
 
 
 def format_sweep_table(summary: list[dict], title: str) -> str:
+    """Per setting and lap: ``mean [95% CI]`` over seeds."""
     laps = sorted({lap for s in summary for lap in s["laps"]})
     head = ["setting", "seeds", *[f"lap {lap}" for lap in laps]]
     body = []
     for s in summary:
         cells = [s["setting"], str(s["seeds"])]
         for lap in laps:
-            if lap in s["laps"]:
+            if lap in s["laps"] and np.isfinite(s["mean"][s["laps"].index(lap)]):
                 i = s["laps"].index(lap)
-                cells.append(f"{s['mean'][i]:.3g}±{s['std'][i]:.2g}")
+                cells.append(f"{s['mean'][i]:.3g} [{s['lo'][i]:.3g}, {s['hi'][i]:.3g}]")
             else:
                 cells.append("-")
         body.append(cells)
@@ -166,14 +171,14 @@ def format_sweep_table(summary: list[dict], title: str) -> str:
 
 
 def plot_sweep(summaries: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
-    """The compounding plot: one panel per metric, one line per setting (mean over seeds, band: min to max)."""
+    """The compounding plot: one panel per metric, one line per setting (mean over seeds, band: 95% CI)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.2), squeeze=False)
     for ax, (key, summary) in zip(axes[0], summaries.items()):
         for s in summary:
             laps = np.asarray(s["laps"])
             ax.plot(laps, s["mean"], "o-", label=s["setting"])
-            ax.fill_between(laps, s["min"], s["max"], alpha=0.12)      # the spread over seeds
+            ax.fill_between(laps, s["lo"], s["hi"], alpha=0.12)        # 95% bootstrap CI over seeds
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("lap")
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -22,11 +22,9 @@ from pathlib import Path
 from flywheel.config import ConfigError, load_config
 from flywheel.lap import LapParts
 from flywheel.orchestrator import Orchestrator
-from flywheel.report import format_sweep_table, load_history, plot_sweep, sweep_summary
+from flywheel.sweep_report import log_summary, write_sweep_report
 from flywheel.tracking import Tracker, check_reachable, tracking_uri
 from simulators.dataset import atomic_write
-
-REPORT_METRICS = ("capability/success_rate", "world_model/open_loop_error", "capability/return")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -43,16 +41,18 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int]:
-    """A sweep file: ``overrides`` (list), ``grid`` (key -> list of values) and ``seeds``."""
+def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int | list[int], bool]:
+    """A sweep file: ``overrides`` (list), ``grid`` (key -> list of values), ``seeds`` and ``ablations``."""
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(OmegaConf.load(path))
-    unknown = set(data) - {"overrides", "grid", "seeds"}
+    unknown = set(data) - {"overrides", "grid", "seeds", "ablations"}
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep file {path}; allowed: overrides, grid, seeds")
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep file {path}; allowed: overrides, grid, seeds, "
+                          f"ablations")
     grid = {str(k): [str(v) for v in vals] for k, vals in (data.get("grid") or {}).items()}
-    return [str(o) for o in data.get("overrides") or []], grid, parse_seeds(data.get("seeds", 1))
+    return ([str(o) for o in data.get("overrides") or []], grid, parse_seeds(data.get("seeds", 1)),
+            bool(data.get("ablations", False)))
 
 
 def parse_seeds(value: str | int | list) -> int | list[int]:
@@ -86,22 +86,61 @@ def slug(setting: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(setting))
 
 
+ABLATIONS = ("no_retrain", "ppo_in_reality")
+
+
+def plan_children(overrides: list[str], grid: dict[str, list[str]], seeds: int | list[int],
+                  ablations: bool = False) -> list[dict]:
+    """Every child run: each grid setting x seed, and with ``ablations`` beside each setting the same laps
+    without world-model retraining, and (per reality) PPO trained directly in reality. Validated here."""
+    base = load_config(overrides)
+    plan: list[tuple[str, str, list[str]]] = []              # (label, variant, extra overrides)
+    for setting in settings(grid):
+        label = " ".join(s for s in setting if not s.startswith("seed=")) or "base"
+        plan.append((label, "flywheel", setting))
+        if ablations:
+            plan.append((f"{label} | no retrain", "no_retrain", [*setting, "retrain=false"]))
+    if ablations:
+        realities = {}
+        for setting in settings(grid):
+            cfg = load_config([*overrides, *setting])
+            key = json.dumps([cfg.reality.engine, vars(cfg.reality.params)], sort_keys=True)
+            realities.setdefault(key, [s for s in setting if s.startswith(("reality.", "seed="))])
+        for reality_setting in realities.values():
+            cfg = load_config([*overrides, *reality_setting])
+            in_reality = [f"engine.name={cfg.reality.engine}", "simulator.fidelity=1", "retrain=false",
+                          *(f"engine.params.{k}={v}" for k, v in vars(cfg.reality.params).items())]
+            label = " ".join(["PPO in reality", *(s for s in reality_setting if not s.startswith("seed="))])
+            plan.append((label, "ppo_in_reality", [*reality_setting, *in_reality]))
+    children = []
+    for label, variant, extra in plan:
+        for seed in child_seeds(base.seed, parse_seeds(seeds), grid):
+            child_overrides = [*overrides, *extra, *([f"seed={seed}"] if seed is not None else [])]
+            child = load_config(child_overrides)               # every setting is valid before anything starts
+            children.append({"setting": describe(label, child), "label": label, "variant": variant,
+                             "group": label.split(" | ")[0],
+                             "seed": child.seed, "overrides": child_overrides,
+                             "dir": f"{slug([label]) or 'base'}-seed{child.seed}"})
+    return children
+
+
+def describe(label: str, cfg) -> str:
+    """A setting's name in reports; PPO trained purely in the world model is named for what it is."""
+    if cfg.simulator.fidelity == 0 and not label.startswith("PPO in reality"):
+        return f"{label} (dream: PPO in the world model only, as World Models 2018)"
+    return label
+
+
 def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | list[int], sweep_dir: str | Path | None = None,
-              say: Callable[[str], None] = print, parts: LapParts | None = None) -> Path:
+              say: Callable[[str], None] = print, parts: LapParts | None = None, ablations: bool = False) -> Path:
     """Run every (setting, seed) as a child run of one parent run; returns the sweep directory.
 
     ``seeds`` is a count (``base seed, base + 1, ...``) or an explicit list; ``seed`` may instead be a
-    grid axis, whose values are then the seeds (asking for both is refused).
+    grid axis, whose values are then the seeds (asking for both is refused). ``ablations`` adds the
+    no-retraining and PPO-in-reality baselines (see ``plan_children``).
     """
     base = load_config(overrides)
-    children = []
-    for setting in settings(grid):
-        for seed in child_seeds(base.seed, parse_seeds(seeds), grid):
-            child_overrides = [*overrides, *setting, *([f"seed={seed}"] if seed is not None else [])]
-            child = load_config(child_overrides)               # every setting is valid before anything starts
-            label = [s for s in setting if not s.startswith("seed=")]
-            children.append({"setting": " ".join(label) or "base", "seed": child.seed, "overrides": child_overrides,
-                             "dir": f"{slug(label) or 'base'}-seed{child.seed}"})
+    children = plan_children(overrides, grid, seeds, ablations)
     check_reachable(tracking_uri(base))
     sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +163,7 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | lis
         files = write_sweep_report(sweep_dir, say)
         for f in files:
             parent.log_artifact(f, "report")
-        _log_summary(parent, sweep_dir)
+        log_summary(parent, sweep_dir)
     except (KeyboardInterrupt, SystemExit):
         parent.finish("KILLED")
         raise
@@ -134,34 +173,3 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | lis
     parent.finish("FINISHED")
     say(f"[sweep] done: {sweep_dir}  parent mlflow run: {parent.run_id}")
     return sweep_dir
-
-
-def _children(sweep_dir: Path) -> list[dict]:
-    spec = json.loads((sweep_dir / "sweep.json").read_text())
-    return [{"setting": c["setting"], "seed": c["seed"], "rows": load_history(sweep_dir / c["dir"])}
-            for c in spec["children"]]
-
-
-def write_sweep_report(sweep_dir: str | Path, say: Callable[[str], None] = print) -> list[Path]:
-    """The compounding table (one row per setting) and plot of a sweep directory."""
-    sweep_dir = Path(sweep_dir)
-    runs = _children(sweep_dir)
-    summaries = {key: sweep_summary(runs, key) for key in REPORT_METRICS}
-    text = "\n\n".join(format_sweep_table(s, f"{key} per lap (mean±std over seeds)") for key, s in summaries.items())
-    out = sweep_dir / "report"
-    out.mkdir(exist_ok=True)
-    (out / "sweep_table.txt").write_text(text + "\n")
-    png = plot_sweep({k: summaries[k] for k in REPORT_METRICS[:2]}, out / "compounding.png",
-                     title=f"{sweep_dir.name}: capability per lap per setting")
-    say(text)
-    return [out / "sweep_table.txt", png]
-
-
-def _log_summary(parent: Tracker, sweep_dir: Path) -> None:
-    """Per-setting mean capability per lap on the parent run (``sweep/<setting>/<metric>``, step = lap)."""
-    runs = _children(sweep_dir)
-    for key in REPORT_METRICS[:2]:
-        for s in sweep_summary(runs, key):
-            name = f"sweep/{slug([s['setting']])}/{key.split('/')[-1]}"
-            for lap, value in zip(s["laps"], s["mean"]):
-                parent.log_metrics({name: float(value)}, step=int(lap))

@@ -101,7 +101,9 @@ def fakes():
         calls["evaluate"] += 1
         if calls["fail_at"] == ctx.lap:
             raise Boom("reality went away")
-        return {"capability/success_rate": 0.1 * ctx.lap, "capability/return": 10.0 * ctx.lap,
+        bonus = 0.1 * ctx.lap if ctx.cfg.retrain else 0.0           # retraining "helps" by a known amount
+        return {"capability/success_rate": 0.1 * ctx.lap + bonus + 0.01 * (ctx.cfg.seed % 7),
+                "capability/return": 10.0 * ctx.lap,
                 "world_model/one_step_error": 0.1, "world_model/open_loop_error": 0.2,
                 "imagination/accuracy": 0.7, "physics/violation_rate": 0.05}
 
@@ -248,6 +250,7 @@ def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
     assert {a.path for a in client.list_artifacts(parent.run_id, "report")} == {
         "report/sweep_table.txt", "report/compounding.png"}
     assert [s for s, _ in parent.metric_history("sweep/simulator.fidelity_1/success_rate")] == [0, 1]
+    assert "dream: PPO in the world model only" in table[3]
     with pytest.raises(ConfigError, match="simulator.fidelity"):
         sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=0,3"]), 1,
                          tmp_path / "bad")
@@ -275,3 +278,26 @@ def test_sweep_seeds_are_the_users_own(tmp_path, fakes):
                               seeds="5,9", sweep_dir=tmp_path / "list", say=lambda m: None, parts=fakes["parts"])
     children = _json.loads((listed / "sweep.json").read_text())["children"]
     assert [c["dir"] for c in children] == ["simulator.fidelity_1-seed5", "simulator.fidelity_1-seed9"]
+
+
+def test_sweep_ablations_report_compounding_with_intervals(tmp_path, fakes):
+    from flywheel import sweep as sweeps
+
+    overrides = [*TINY, "laps=2", f"runs_root={tmp_path}", "reality.params.gain_scale=0.7"]
+    sweep_dir = sweeps.run_sweep(overrides, sweeps.parse_grid(["simulator.fidelity=1"]), seeds="3,4,5",
+                                 sweep_dir=tmp_path / "abl", say=lambda m: None, parts=fakes["parts"], ablations=True)
+    children = json.loads((sweep_dir / "sweep.json").read_text())["children"]
+    assert [(c["setting"], c["variant"]) for c in children[::3]] == [
+        ("simulator.fidelity=1", "flywheel"), ("simulator.fidelity=1 | no retrain", "no_retrain"),
+        ("PPO in reality", "ppo_in_reality")]
+    real = load_config(base=sweep_dir / children[-1]["dir"] / "config.yaml")
+    assert real.simulator.fidelity == 1 and real.retrain is False and real.engine.params.gain_scale == 0.7
+    assert load_config(base=sweep_dir / children[3]["dir"] / "config.yaml").retrain is False
+    text = (sweep_dir / "report" / "sweep_table.txt").read_text()
+    assert "compounding: success gain since lap 0 with world-model retraining minus without" in text
+    assert "simulator.fidelity=1: lap 1: +0.1 [+0.1, +0.1] *" in text        # the fakes' known +0.1
+    assert ("lap 1, capability/success_rate: simulator.fidelity=1 is higher by 0.1 (95% CI of simulator.fidelity=1 "
+            "- simulator.fidelity=1 | no retrain: [0.1, 0.1], 3 seeds): significant at 95%.") in text
+    assert "mean [95% bootstrap CI] over seeds [3, 4, 5]" in text
+    parent = Tracker.attach(sweep_dir)
+    assert [s for s, _ in parent.metric_history("sweep/simulator.fidelity_1/compounding")] == [1]

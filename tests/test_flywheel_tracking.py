@@ -73,7 +73,10 @@ def test_sweep_summary_has_a_row_per_setting_with_mean_and_spread(tmp_path):
     assert [s["setting"] for s in summary] == ["simulator.fidelity=0.0", "simulator.fidelity=1.0"]
     np.testing.assert_allclose(summary[1]["mean"], [0.05, 1.05, 2.05])
     np.testing.assert_allclose(summary[1]["std"], [0.05, 0.05, 0.05])
+    np.testing.assert_allclose(summary[1]["lo"], [0.0, 1.0, 2.0])          # two seeds: the CI spans both
+    np.testing.assert_allclose(summary[1]["hi"], [0.1, 1.1, 2.1])
+    assert summary[1]["by_seed"][2] == {0: 2.0, 1: 2.1}
     text = format_sweep_table(summary, "success rate")
-    assert len(text.splitlines()) == 3 + 2 and "2.05±0.05" in text
+    assert len(text.splitlines()) == 3 + 2 and "2.05 [2, 2.1]" in text
     path = plot_sweep({"capability/success_rate": summary}, tmp_path / "sweep.png")
     assert path.stat().st_size > 1000
