@@ -93,6 +93,15 @@ class SelectionSection:
 
 
 @dataclass
+class GuardSection:
+    """The model-exploitation guard (``flywheel.guard``): self-play replayed in the engine each lap."""
+
+    threshold: float = 0.2          # flag a lap whose mean per-step task reward served exceeds the replay's by this
+    max_episodes: int = 64          # complete self-play episodes replayed per lap
+    replay_on_flag: bool = True     # a flagged lap's engine replays train the next world model too
+
+
+@dataclass
 class RaySection:
     address: str | None = None   # None: a local ray.init() on this machine's cores
     num_cpus: int | None = None
@@ -123,6 +132,7 @@ class FlywheelConfig:
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     selection: SelectionSection = field(default_factory=SelectionSection)
+    guard: GuardSection = field(default_factory=GuardSection)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     service: ServerConfig = field(default_factory=ServerConfig)
     ray: RaySection = field(default_factory=RaySection)
@@ -219,6 +229,8 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("selection.min_imagination_accuracy", cfg.selection.min_imagination_accuracy, 0.0, 1.0)
     _check_range("selection.max_physics_violation", cfg.selection.max_physics_violation, 0.0, 1.0)
     _check_range("selection.max_episodes", cfg.selection.max_episodes, 0)
+    _check_range("guard.threshold", cfg.guard.threshold, 0.0, 1.0)
+    _check_range("guard.max_episodes", cfg.guard.max_episodes, 1)
     if cfg.ray.num_cpus is not None:
         _check_range("ray.num_cpus", cfg.ray.num_cpus, 1)
     try:

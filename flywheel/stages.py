@@ -141,7 +141,27 @@ def select(ctx: LapContext) -> dict:
     out = {"data/selected_trajectories": stats["selected_episodes"], "data/self_play_transitions": len(raw),
            **{f"selection/{k}": v for k, v in stats.items()}}
     out.update(_grade_means(raw, cfg.simulator.horizon))
+    out.update(guard(ctx, raw))
     return out
+
+
+def guard(ctx: LapContext, raw) -> dict:
+    """Replay self-play in the simulator's engine; flag (and optionally learn from) a world model exploited."""
+    from flywheel.guard import exploitation_gap
+    from simulators.physics import make_engine
+
+    cfg = ctx.cfg
+    engine = make_engine(cfg.engine.name, cfg.task, vars(cfg.engine.params))
+    report = exploitation_gap(raw, ctx.reality_task(), engine, cfg.guard.max_episodes)
+    gap = report["return_gap"]
+    flagged = bool(np.isfinite(gap) and gap > cfg.guard.threshold)
+    if flagged:
+        ctx.say(f"WARNING model exploitation: self-play earned {gap:.3f} more task reward per step than the engine "
+                f"gives for the same actions ({report['episodes']} episodes replayed)")
+        if cfg.guard.replay_on_flag:
+            ctx.store.add(ctx.lap, "replay", report["replay"])
+    return {"exploitation/return_gap": gap, "exploitation/flagged": float(flagged),
+            "exploitation/episodes": float(report["episodes"])}
 
 
 def _grade_means(raw, horizon: int) -> dict:

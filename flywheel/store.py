@@ -7,6 +7,7 @@ Layout under ``<run_dir>/store``::
     lap_NNN/raw/*.npz             what the lap's simulator server recorded (the server writes here)
     lap_NNN/selected.npz          the lap's selected self-play trajectories
     lap_NNN/reality.npz           reality transitions the lap spent with its policy (``reality.steps_per_lap``)
+    lap_NNN/replay.npz            the engine's replay of self-play a flagged lap exploited (``flywheel.guard``)
 
 Writes go shard first, manifest second, both atomic (temp file, fsync, ``os.replace``). A reader
 trusts only the manifest, so a crash between the two leaves an orphan file that is never read and
@@ -25,7 +26,8 @@ import numpy as np
 
 from simulators.dataset import SOURCE_REALITY, SOURCE_SIM, TransitionDataset, atomic_write
 
-KINDS = {"seed": SOURCE_REALITY, "selected": SOURCE_SIM, "reality": SOURCE_REALITY, "eval": SOURCE_REALITY}
+KINDS = {"seed": SOURCE_REALITY, "selected": SOURCE_SIM, "reality": SOURCE_REALITY, "replay": SOURCE_SIM,
+         "eval": SOURCE_REALITY}
 
 
 @dataclass
@@ -89,11 +91,11 @@ class TrajectoryStore:
         return TransitionDataset.concat(parts) if parts else None
 
     def training_data(self, upto: int) -> TransitionDataset:
-        """Seed data, every selected trajectory and every per-lap reality batch of laps ``<= upto``."""
+        """Seed data, every selected trajectory, per-lap reality batch and guard replay of laps ``<= upto``."""
         seed = self.load(kind="seed")
         if seed is None:
             raise FileNotFoundError(f"no seed shard in the trajectory store {self.root}; lap 0 must run first")
-        more = [self.load(kind=k, upto=upto) for k in ("selected", "reality")]
+        more = [self.load(kind=k, upto=upto) for k in ("selected", "reality", "replay")]
         return TransitionDataset.concat([seed, *(d for d in more if d is not None and len(d))])
 
     # -- the server's raw recordings -----------------------------------------------------------

@@ -152,8 +152,10 @@ def test_failed_stage_marks_run_failed_with_its_error_and_resume_finishes_it_onc
     tracker = Tracker.attach(run_dir)
     for key in ("capability/success_rate", "data/selected_trajectories", "data/total_transitions", "lap/seconds",
                 "reward/imagination", "time/self_play", "time/retrain", "self_play/env_steps",
-                "data/stored_transitions"):
+                "data/stored_transitions", "exploitation/return_gap", "cost/steps_per_selected",
+                "reality/transitions_total", "gap/sim_minus_reality_success"):
         assert [s for s, _ in tracker.metric_history(key)] == [0, 1, 2], key
+    assert max(abs(v) for _, v in tracker.metric_history("exploitation/return_gap")) < 1e-3   # honest self-play
     entries = [(e.lap, e.kind) for e in resumed.store.entries()]
     assert entries == [(0, "seed"), (0, "selected"), (1, "selected"), (2, "selected")]
     seed = resumed.store.load(kind="seed")
