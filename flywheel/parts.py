@@ -68,17 +68,60 @@ def rllib_trainer(ctx: LapContext, addresses: list[str]):
 def fit_world_model(ctx: LapContext, data, init: Path | None):
     """A world model fitted on ``data``: new (``init=None``) or warm-started from checkpoint ``init``.
 
-    The architecture comes from the checkpoint (checked against the run's config); the fitting
-    settings always come from the run's config.
+    With Ray running, the fit is a Ray task asking for ``world_model.num_gpus`` (0 = CPU), so it runs on
+    any node that has them; the checkpoints travel as bytes, so no node needs the driver's disk.
+    Without Ray (a library user, a test) it fits in this process. The architecture comes from the
+    checkpoint (checked against the run's config); the fitting settings always from the run's config.
     """
+    import ray
+
+    cfg = replace(ctx.cfg.world_model, seed=ctx.cfg.seed)
+    init_bytes = Path(init).read_bytes() if init is not None else None
+    args = (ctx.cfg.task, data, cfg, init_bytes)
+    if not ray.is_initialized():
+        wm, metrics = _fit(*args)
+        return wm, metrics
+    task = ray.remote(_fit_remote).options(num_cpus=1, num_gpus=cfg.num_gpus or None, name="fit_world_model",
+                                           max_retries=1)
+    blob, metrics = ray.get(task.remote(*args))
+    return _from_bytes(blob, ctx.cfg.task, cfg), metrics          # on the driver's device, as the run's config says
+
+
+def _fit(task: str, data, cfg, init_bytes: bytes | None):
     from simulators.world_model import WorldModel
 
-    cfg = ctx.cfg.world_model
-    if init is None:
-        wm = WorldModel(ctx.cfg.task, data.states.shape[1], data.actions.shape[1], replace(cfg, seed=ctx.cfg.seed))
+    if cfg.num_gpus > 0:
+        import torch
+
+        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else cfg.device)
+    if init_bytes is None:
+        wm = WorldModel(task, data.states.shape[1], data.actions.shape[1], cfg)
     else:
-        wm = WorldModel.load(init, task=ctx.cfg.task, config=replace(cfg, seed=ctx.cfg.seed))
+        wm = _from_bytes(init_bytes, task, cfg)
     return wm, wm.fit(data)
+
+
+def _fit_remote(task: str, data, cfg, init_bytes: bytes | None) -> tuple[bytes, dict]:
+    """The Ray task: fit, and send the checkpoint back as bytes (its digest is checked when loaded)."""
+    import tempfile
+
+    import ray
+
+    wm, metrics = _fit(task, data, cfg, init_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        wm.save(Path(tmp) / "wm.pt")
+        blob = (Path(tmp) / "wm.pt").read_bytes()
+    return blob, {**metrics, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _from_bytes(blob: bytes, task: str, cfg=None):
+    import tempfile
+
+    from simulators.world_model import WorldModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "wm.pt").write_bytes(blob)
+        return WorldModel.load(Path(tmp) / "wm.pt", task=task, config=cfg)
 
 
 def evaluate_in_reality(ctx: LapContext) -> dict:

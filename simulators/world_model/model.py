@@ -55,6 +55,7 @@ class WorldModelConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 0        # torch CPU threads while fitting/predicting; 0 keeps torch's own setting
+    num_gpus: float = 0.0       # GPUs the fitting task asks Ray for (0 = CPU); it fits on CUDA when it gets one
 
     def __post_init__(self) -> None:
         for name in ("ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs"):
@@ -66,6 +67,8 @@ class WorldModelConfig:
             raise ValueError(f"WorldModelConfig.holdout must be in [0, 1), got {self.holdout!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"WorldModelConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.num_gpus:
+            raise ValueError(f"WorldModelConfig.num_gpus must be >= 0, got {self.num_gpus!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> WorldModelConfig:
