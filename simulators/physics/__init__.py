@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from simulators.physics.agreement import Agreement, UnsupportedTask, contact_pairs
 from simulators.physics.base import Constraints, EngineSpec, PhysicsEngine, build_model, constraint_violations
 from simulators.tasks import Task, make_task
 
@@ -31,7 +32,11 @@ def auto_backend() -> str:
 
 
 def make_engine(name: str, task: str | Task, params: dict | None = None) -> PhysicsEngine:
-    """Build a backend by name (``mjx``, ``brax``, ``mujoco`` or ``auto``) for a task with optional scaled params."""
+    """Build a backend by name (``mjx``, ``brax``, ``mujoco`` or ``auto``) for a task with optional scaled params.
+
+    An engine that cannot reproduce ``mj_step`` on the task raises ``UnsupportedTask`` (a ``ValueError``)
+    naming why and the engines that can; ``engine.agreement`` is what the others promise.
+    """
     if name == "auto":
         name = auto_backend()
     if name not in _BACKENDS:
@@ -41,5 +46,5 @@ def make_engine(name: str, task: str | Task, params: dict | None = None) -> Phys
     return getattr(importlib.import_module(module), cls)(task, params)
 
 
-__all__ = ["ENGINES", "Constraints", "EngineSpec", "PhysicsEngine", "auto_backend", "build_model",
-           "constraint_violations", "make_engine"]
+__all__ = ["ENGINES", "Agreement", "Constraints", "EngineSpec", "PhysicsEngine", "auto_backend", "build_model",
+           "constraint_violations", "contact_pairs", "make_engine", "UnsupportedTask"]

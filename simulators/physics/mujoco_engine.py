@@ -12,12 +12,14 @@ import mujoco
 import numpy as np
 from mujoco import rollout
 
+from simulators.physics.agreement import Agreement
 from simulators.physics.base import EngineBase, _num_threads
 from simulators.tasks import Task
 
 
 class MujocoEngine(EngineBase):
     name = "mujoco"
+    agreement = Agreement(note="MuJoCo's C engine itself, stepped by mujoco.rollout")
 
     def __init__(self, task: Task, params: dict | None = None, nthread: int | None = None):
         super().__init__(task, params)

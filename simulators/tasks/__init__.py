@@ -1,34 +1,117 @@
-"""Task registry: name -> module:class, imported lazily. Adding a task is one module plus one line here."""
+"""Task registry: name -> ``"module:Class"``, imported lazily. Adding a task is one module plus one line here.
+
+``TASKS`` is a live view of the registry, not a copy: a module that did ``from simulators.tasks
+import TASKS`` sees a task registered later (``name in TASKS``, iteration, ``len``, ``", ".join``).
+
+Tasks registered at run time with ``register_task`` also reach processes started afterwards
+(simulator servers, Ray workers): ``register_task`` records them in the ``FLYWHEEL_TASKS``
+environment variable (``name=module:Class`` entries separated by commas), which this module reads
+on import. The task's module must be importable there too (on ``sys.path``/``PYTHONPATH``).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
+from collections.abc import Iterator
 
 from simulators.tasks.base import PARAM_NAMES, Task, tolerance, wrap_angle
 
-_REGISTRY = {
+ENV_VAR = "FLYWHEEL_TASKS"
+_BUILTIN = {
     "pendulum": "simulators.tasks.pendulum:Pendulum",
     "cartpole": "simulators.tasks.cartpole:Cartpole",
     "reacher": "simulators.tasks.reacher:Reacher",
+    "lift": "simulators.tasks.lift:Lift",
 }
-TASKS: tuple[str, ...] = tuple(_REGISTRY)
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def register_task(name: str, target: str) -> None:
-    """Register a task class given as ``"package.module:ClassName"``."""
-    _REGISTRY[name] = target
-    global TASKS
-    TASKS = tuple(_REGISTRY)
+class TaskRegistry:
+    """The registered task names in registration order; supports ``in``, iteration, ``len`` and indexing."""
+
+    def __init__(self, entries: dict[str, str]):
+        self._entries: dict[str, str] = {}
+        for name, target in entries.items():
+            self.add(name, target)
+
+    def add(self, name: str, target: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"task name {name!r} is not allowed; use lower-case letters, digits and '_', "
+                             "starting with a letter")
+        if not isinstance(target, str) or not _TARGET.match(target):
+            raise ValueError(f"task target {target!r} for {name!r} is not of the form 'package.module:ClassName'")
+        self._entries[name] = target
+
+    def target(self, name: str) -> str:
+        if name not in self._entries:
+            raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(self._entries))}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> str:
+        return list(self._entries)[index]
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == tuple(other) if isinstance(other, (tuple, list, TaskRegistry)) else NotImplemented
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"TaskRegistry({tuple(self)!r})"
+
+
+def _from_env(value: str | None) -> dict[str, str]:
+    """``FLYWHEEL_TASKS`` parsed: ``"a=pkg.mod:A,b=pkg.other:B"`` -> ``{"a": "pkg.mod:A", ...}``."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (value or "").split(","))):
+        name, sep, target = item.partition("=")
+        if not sep:
+            raise ValueError(f"{ENV_VAR} entry {item!r} is not of the form name=package.module:ClassName")
+        out[name.strip()] = target.strip()
+    return out
+
+
+TASKS = TaskRegistry({**_BUILTIN, **_from_env(os.environ.get(ENV_VAR))})
+
+
+def register_task(name: str, target: str, export: bool = True) -> None:
+    """Register a task class given as ``"package.module:ClassName"``; every holder of ``TASKS`` sees it.
+
+    With ``export`` (the default) it is also added to ``FLYWHEEL_TASKS`` so that processes started
+    from this one afterwards know it.
+    """
+    TASKS.add(name, target)
+    if export:
+        entries = _from_env(os.environ.get(ENV_VAR))
+        entries[name] = target
+        os.environ[ENV_VAR] = ",".join(f"{k}={v}" for k, v in entries.items())
 
 
 def make_task(task: str | Task) -> Task:
     """Build a task by name (or pass a Task through); an unknown name lists the valid ones."""
     if isinstance(task, Task):
         return task
-    if task not in _REGISTRY:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(sorted(_REGISTRY))}")
-    module, cls = _REGISTRY[task].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    module, cls = TASKS.target(task).split(":")
+    try:
+        obj = getattr(importlib.import_module(module), cls)()
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"task {task!r} is registered as {TASKS.target(task)!r}, which cannot be loaded: {exc}; "
+                         "the module must be importable (on sys.path or PYTHONPATH)") from exc
+    if not isinstance(obj, Task):
+        raise ValueError(f"task {task!r} ({TASKS.target(task)}) is a {type(obj).__name__}, not a simulators.tasks.Task")
+    return obj
 
 
-__all__ = ["PARAM_NAMES", "TASKS", "Task", "make_task", "register_task", "tolerance", "wrap_angle"]
+__all__ = ["ENV_VAR", "PARAM_NAMES", "TASKS", "Task", "TaskRegistry", "make_task", "register_task", "tolerance",
+           "wrap_angle"]

@@ -1,4 +1,7 @@
-"""Cartpole swing-up: a cart on a rail with an unactuated pole that starts hanging down."""
+"""Cartpole swing-up: a cart on a rail with an unactuated pole that starts hanging down.
+
+The floor and walls are scenery (they collide with nothing): the slider's limit stops the cart first.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ XML = """
   <compiler angle="radian"/>
   <option timestep="0.01"/>
   <worldbody>
-    <geom name="floor" type="plane" pos="0 0 0" size="3 1 0.1"/>
-    <geom name="wall_left" type="plane" pos="-2.2 0 1" zaxis="1 0 0" size="1 1 0.1"/>
-    <geom name="wall_right" type="plane" pos="2.2 0 1" zaxis="-1 0 0" size="1 1 0.1"/>
+    <geom name="floor" type="plane" pos="0 0 0" size="3 1 0.1" contype="0" conaffinity="0"/>
+    <geom name="wall_left" type="plane" pos="-2.2 0 1" zaxis="1 0 0" size="1 1 0.1" contype="0" conaffinity="0"/>
+    <geom name="wall_right" type="plane" pos="2.2 0 1" zaxis="-1 0 0" size="1 1 0.1" contype="0" conaffinity="0"/>
     <body name="cart" pos="0 0 1">
       <joint name="slider" type="slide" axis="1 0 0" limited="true" range="-1.8 1.8" damping="0.05"/>
       <geom name="cart" type="capsule" fromto="-0.2 0 0 0.2 0 0" size="0.1" mass="1"/>

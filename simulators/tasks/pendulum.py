@@ -1,4 +1,7 @@
-"""Pendulum swing-up and balance: a torque-limited pole, upright at angle 0."""
+"""Pendulum swing-up and balance: a torque-limited pole, upright at angle 0.
+
+The floor is scenery (it collides with nothing; the bob never reaches it).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ XML = """
   <compiler angle="radian"/>
   <option timestep="0.01"/>
   <worldbody>
-    <geom name="floor" type="plane" pos="0 0 -0.6" size="2 2 0.1"/>
+    <geom name="floor" type="plane" pos="0 0 -0.6" size="2 2 0.1" contype="0" conaffinity="0"/>
     <body name="pole" pos="0 0 0">
       <joint name="hinge" type="hinge" axis="0 1 0" damping="0.05"/>
       <geom name="pole" type="capsule" fromto="0 0 0 0 0 0.5" size="0.02" mass="0.1" contype="0" conaffinity="0"/>
