@@ -8,8 +8,9 @@
 Completed episodes are written promptly: a background thread writes every episode that has ended
 once ``flush_every`` of their transitions are buffered or the oldest has waited ``flush_seconds``.
 An episode is always written whole, in one shard, exactly once, so a server killed at any moment
-loses at most the episodes still in flight. Unfinished episodes are written only by ``close``
-(their last transition has ``dones == False``; selection rejects them as incomplete). Shards are
+loses at most the episodes still in flight. Unfinished episodes are written when they can no
+longer continue: after ``abandon`` (the envs were reset) and by ``close`` (their last transition
+has ``dones == False``; selection rejects them as incomplete). Shards are
 ``<directory>/<session_id>-<index:05d>.npz``, written atomically (``TransitionDataset.save``).
 A failed write is never dropped: it becomes ``error`` (a ``RecordingError`` naming the path and the
 OS error), the data stays buffered, and the recorder writes nothing more.
@@ -73,6 +74,7 @@ class Recorder:
         self.episodes = 0                      # episodes written (whole, complete or not)
         self.error: RecordingError | None = None
         self._parts: list[dict] = []
+        self._abandoned = np.zeros(0, np.int64)   # unfinished episodes that will not continue
         self._ready = 0                        # transitions of ended episodes in the buffer
         self._ready_since: float | None = None
         self._closed = False
@@ -106,6 +108,18 @@ class Recorder:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"recorder-{self.session_id}", daemon=True)
                 self._thread.start()
+
+    def abandon(self) -> None:
+        """The buffered unfinished episodes will not continue (their envs were reset): write them soon, as they are."""
+        with self._cond:
+            if not self._parts:
+                return
+            ids = np.unique(np.concatenate([p["episode_ids"] for p in self._parts]))
+            self._abandoned = np.union1d(self._abandoned, ids)
+            self._ready += sum(len(p["states"]) for p in self._parts)
+            if self._ready_since is None:
+                self._ready_since = time.monotonic()
+            self._cond.notify()
 
     def check(self) -> None:
         """Raise the ``RecordingError`` of a failed write, if any."""
@@ -156,12 +170,14 @@ class Recorder:
                 if self.error is not None or self.directory is None or not self._parts:
                     return None
                 parts, self._parts = self._parts, []
+                abandoned, self._abandoned = self._abandoned, np.zeros(0, np.int64)
                 self._ready, self._ready_since = 0, None
             batch = _concat(parts)
             if final:
                 mask = np.ones(len(batch["states"]), bool)
             else:
-                mask = np.isin(batch["episode_ids"], batch["episode_ids"][batch["dones"]])
+                ended = np.concatenate([batch["episode_ids"][batch["dones"]], abandoned])
+                mask = np.isin(batch["episode_ids"], ended)
             if not mask.all():
                 with self._cond:
                     self._parts.insert(0, _take(batch, ~mask))

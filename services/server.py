@@ -18,6 +18,7 @@ its session ids, shard names and episode ids never collide with those its dead i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import multiprocessing as mp
@@ -267,15 +268,20 @@ def serve(config: ServerConfig, world_model=None) -> SimulatorServer:
 
 
 # -- processes -----------------------------------------------------------------------------------
-def _process_main(config: ServerConfig, conn, stop_event, grace: float) -> None:
+def _process_main(config: ServerConfig, conn, grace: float) -> None:
     try:
         server = serve(config)
     except BaseException:  # noqa: BLE001 - report the reason to the parent
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", server.address))
-    stop_event.wait()
-    conn.send(("report", server.stop(grace)))
+    try:
+        conn.recv()                        # "stop", or EOF when the parent is gone
+    except EOFError:
+        pass
+    report = server.stop(grace)
+    with contextlib.suppress(OSError):
+        conn.send(("report", report))
 
 
 class ServerProcess:
@@ -289,12 +295,12 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
-        self._stop = ctx.Event()
-        self._process = ctx.Process(target=_process_main, args=(self.config, child, self._stop, self.grace),
+        parent, child = ctx.Pipe()
+        self._process = ctx.Process(target=_process_main, args=(self.config, child, self.grace),
                                     daemon=True, name="flywheel-simulator-server")
         self._process.start()
         child.close()                       # the child's end lives in the child: its death reads as EOF here
+        self._conn = parent
         if not parent.poll(self.start_timeout):
             self.stop()
             raise RuntimeError(f"simulator server did not start within {self.start_timeout:.0f} s")
@@ -307,7 +313,6 @@ class ServerProcess:
             self.stop()
             raise RuntimeError(f"simulator server failed to start:\n{value}")
         self.address = value
-        self._conn = parent
         return self
 
     @property
@@ -321,15 +326,16 @@ class ServerProcess:
         """
         if self._process is None:
             return None
-        self._stop.set()
         report = None
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
+                conn.send("stop")
                 if conn.poll(self.grace + 30):
                     report = conn.recv()[1]
             except (EOFError, OSError):   # the process died before it reported
                 pass
+            conn.close()
         self._process.join(self.grace + 30)
         if self._process.is_alive():
             self._process.terminate()

@@ -107,15 +107,16 @@ def open_session(config, models, request: SessionRequest, next_offset: Callable[
                        spec.action_high.astype(np.float32), spec.state_size, task.episode_length, spec.control_dt,
                        int(reward.horizon), {k: float(v) for k, v in dataclasses.asdict(reward.weights).items()},
                        wm.version)
-    return SimSession(info, make_sim, engine, wm, reward, recorder)
+    return SimSession(info, make_sim, engine, wm, reward, recorder, next_offset)
 
 
 class SimSession:
     """A ``CorrectedSimulator`` batch behind the wire: validation, sequence numbers, grading, recording."""
 
     def __init__(self, info: SessionInfo, make_sim: Callable[[int | None], object], engine, world_model,
-                 reward_config, recorder: Recorder):
+                 reward_config, recorder: Recorder, next_offset: Callable[[], int] | None = None):
         self.info, self.id, self.num_envs = info, info.session_id, info.num_envs
+        self.next_offset = next_offset
         self.make_sim, self.engine, self.reward_config, self.recorder = make_sim, engine, reward_config, recorder
         self.wm_version = str(world_model.version)
         self.scale = np.asarray(world_model.state_scale, dtype=np.float64)
@@ -126,9 +127,16 @@ class SimSession:
 
     # -- in-process ----------------------------------------------------------------------------
     def restart(self, seed: int | None = None) -> np.ndarray:
-        """Reset every env (a fresh simulator seeded with ``seed`` when given); observations ``[B, O]``."""
+        """Reset every env (a fresh simulator seeded with ``seed`` when given); observations ``[B, O]``.
+
+        Episodes cut short by a reset are recorded as unfinished; new episodes get ids never used before.
+        """
+        if self._started:
+            self.recorder.abandon()
         if seed is not None:
             self.sim = self.make_sim(int(seed))
+        elif self._started and self.next_offset is not None:
+            self.sim.episode_offset = self.next_offset()
         self._started = True
         return np.asarray(self.sim.reset())
 

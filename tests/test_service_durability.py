@@ -1,0 +1,296 @@
+"""Recorded data survives a killed server, a failed write is never swallowed, a killed server actor comes back.
+
+Real recorders on disk, a real server process killed with SIGKILL, real restartable Ray actors
+(engine ``mujoco``, tiny world model). Waits poll the disk or the service up to a bound; nothing
+asserts a duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.client import FailedPrecondition, SimulatorClient
+from services.config import ServerConfig
+from services.recorder import Recorder, RecordingError
+from services.server import ServerProcess
+from simulators import make_engine, make_task
+from simulators.dataset import TransitionDataset
+from simulators.world_model import WorldModel, WorldModelConfig
+
+TASK, B = "pendulum", 3
+T = make_task(TASK).episode_length
+REWARDS = ("task", "imagination", "physics", "total")
+
+
+@pytest.fixture(scope="module")
+def wm_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("durability") / "wm.pt"
+    spec = make_engine("mujoco", TASK).spec
+    WorldModel(TASK, spec.state_size, spec.action_size,
+               WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1)).save(path)
+    return path
+
+
+def wait_for(predicate, what: str, limit: float = 120.0):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``limit`` seconds."""
+    end = time.monotonic() + limit
+    while not (value := predicate()):
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def shards(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.npz") if not p.name.startswith("."))
+
+
+def stored(directory: Path) -> TransitionDataset | None:
+    parts = [TransitionDataset.load(p) for p in shards(directory)]
+    return TransitionDataset.concat(parts) if parts else None
+
+
+def stored_ids(directory: Path) -> set[int]:
+    data = stored(directory)
+    return set() if data is None else set(np.unique(data.episode_ids).tolist())
+
+
+def assert_whole_and_unique(directory: Path) -> TransitionDataset:
+    """Every shard loads; each episode lies in exactly one shard, its steps 0..n-1 once each, in order."""
+    owner: dict[int, str] = {}
+    for path in shards(directory):
+        data = TransitionDataset.load(path)
+        for e in np.unique(data.episode_ids).tolist():
+            assert e not in owner, f"episode {e} is in {owner.get(e)} and in {path.name}"
+            owner[e] = path.name
+            steps = data.steps[data.episode_ids == e]
+            np.testing.assert_array_equal(steps, np.arange(len(steps)))
+            ends = data.dones[data.episode_ids == e]
+            assert not ends[:-1].any()
+    return stored(directory)
+
+
+@contextlib.contextmanager
+def read_only(directory: Path):
+    """Make ``directory`` unwritable, for root too (mode 0555, plus the immutable flag where mode is not enough)."""
+    os.chmod(directory, 0o555)
+    immutable = False
+    try:
+        if _writable(directory) and shutil.which("chattr"):
+            immutable = subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0
+        assert not _writable(directory), f"cannot make {directory} read-only on this machine"
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        os.chmod(directory, 0o755)
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        (directory / ".probe").touch()
+    except OSError:
+        return False
+    (directory / ".probe").unlink()
+    return True
+
+
+def random_actions(rng: np.random.Generator, n: int = B) -> np.ndarray:
+    return rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+
+
+# -- the recorder alone ------------------------------------------------------------------------
+def fake_step(t: int, ids: np.ndarray, steps: np.ndarray, dones: np.ndarray) -> tuple:
+    n = len(ids)
+    x = np.full((n, 2), float(t), np.float32)
+    return (x, np.zeros((n, 1), np.float32), x + 1, ids, steps, dones, dones.copy(),
+            {k: np.zeros(n, np.float32) for k in REWARDS})
+
+
+def test_recorder_writes_completed_episodes_promptly_and_unfinished_ones_on_close(tmp_path):
+    rec = Recorder(tmp_path, "s0-unit", {"task": TASK}, flush_every=10**6, flush_seconds=0.1)
+    # env 0 runs episodes of 3 steps (ids 0, 1, ...); env 1 one long episode (id 100)
+    for t in range(7):
+        rec.add(*fake_step(t, np.array([t // 3, 100]), np.array([t % 3, t]), np.array([t % 3 == 2, False])))
+    wait_for(lambda: stored_ids(tmp_path) == {0, 1}, "episodes 0 and 1 on disk while the session is open")
+    assert rec.totals()["transitions_stored"] == 6 and rec.error is None
+    rec.abandon()                                        # a reset: episodes 2 and 100 will not continue
+    wait_for(lambda: stored_ids(tmp_path) == {0, 1, 2, 100}, "the abandoned episodes on disk")
+    rec.add(*fake_step(7, np.array([3, 101]), np.array([0, 0]), np.array([False, False])))
+    rec.close()
+    data = assert_whole_and_unique(tmp_path)
+    assert len(data) == rec.recorded == rec.stored == 16
+    assert set(np.unique(data.episode_ids).tolist()) == {0, 1, 2, 3, 100, 101}
+    assert data.dones.sum() == 2 and data.success.sum() == 2     # only episodes 0 and 1 ended
+
+
+def test_recorder_writes_when_flush_every_transitions_of_ended_episodes_wait(tmp_path):
+    rec = Recorder(tmp_path, "s0-size", {}, flush_every=4, flush_seconds=3600)
+    for t in range(4):
+        rec.add(*fake_step(t, np.array([0]), np.array([t]), np.array([t == 3])))
+    wait_for(lambda: stored_ids(tmp_path) == {0}, "a shard once 4 ended transitions wait")
+    rec.close()
+    assert rec.totals() == {"transitions_served": 4, "transitions_stored": 4, "episodes_stored": 1, "shards": 1,
+                            "error": None}
+
+
+def test_recorder_keeps_its_write_error_and_data(tmp_path):
+    rec = Recorder(tmp_path, "s0-ro", {}, flush_every=1, flush_seconds=0.05)
+    with read_only(tmp_path):
+        rec.add(*fake_step(0, np.array([0, 1]), np.array([0, 0]), np.array([True, False])))
+        wait_for(lambda: rec.error, "the failed write")
+        with pytest.raises(RecordingError, match=rf"cannot write trajectory shard {tmp_path}/s0-ro-00000\.npz: "
+                                                 r"\w+Error: \[Errno \d+\]"):
+            rec.check()
+        rec.close()
+    assert rec.error.path == str(tmp_path / "s0-ro-00000.npz") and "Errno" in rec.error.error
+    assert rec.totals()["transitions_served"] == 2 and rec.totals()["transitions_stored"] == 0
+    assert shards(tmp_path) == []
+
+
+def step_until_it_fails(session, rng: np.random.Generator, limit: float = 60.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        session.step(random_actions(rng))
+        time.sleep(0.01)
+    raise AssertionError(f"session {session.id} kept serving for {limit:.0f} s after its recorder failed")
+
+
+# -- a server process ---------------------------------------------------------------------------
+def test_killed_server_loses_only_the_episodes_in_flight(tmp_path, wm_path):
+    raw = tmp_path / "raw"
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
+                          flush_seconds=0.2)
+    rng = np.random.default_rng(0)
+    proc = ServerProcess(config).start()
+    try:
+        with SimulatorClient(proc.address) as client:
+            session = client.create_session(TASK, B, fidelity=0.5, seed=1)
+            session.reset()
+            ended: set[int] = set()
+            for _ in range(2 * T + 5):                   # two episodes per env, then some of a third
+                out = session.step(random_actions(rng))
+                ended |= set(out.episode_ids[out.terminated | out.truncated].tolist())
+            in_flight = set(session.step(random_actions(rng)).episode_ids.tolist())
+            assert len(ended) == 2 * B
+            wait_for(lambda: stored_ids(raw) == ended, "the ended episodes on disk while the session is open")
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        assert proc.stop() is None                       # killed: no report
+    data = assert_whole_and_unique(raw)
+    assert set(np.unique(data.episode_ids).tolist()) == ended and not in_flight & ended
+    assert len(data) == 2 * B * T and data.dones.sum() == 2 * B
+
+
+def test_unwritable_directory_fails_the_session_with_path_and_os_error(tmp_path, wm_path):
+    raw = tmp_path / "raw"
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
+                          flush_seconds=0.05)
+    rng = np.random.default_rng(0)
+    with ServerProcess(config) as proc, SimulatorClient(proc.address) as client:
+        session = client.create_session(TASK, B, seed=1)
+        session.reset()
+        with read_only(raw):
+            for _ in range(T):
+                session.step(random_actions(rng))
+            message = rf"{raw}/s0-\w+-00000\.npz: \w+Error: \[Errno \d+\]"
+            with pytest.raises(FailedPrecondition, match=message):
+                step_until_it_fails(session, rng)
+            with pytest.raises(FailedPrecondition, match=message):
+                session.close()
+            report = proc.stop()
+    assert report["transitions_served"] > report["transitions_stored"] == 0
+    assert len(report["errors"]) == 1 and report["errors"][0]["path"].startswith(str(raw))
+    assert "Errno" in report["errors"][0]["error"] and shards(raw) == []
+
+
+# -- restartable server actors (Ray) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_started():
+    from policies.rllib_adapter import init_ray
+
+    init_ray(2)
+
+
+def test_killed_server_actor_comes_back_and_the_env_keeps_stepping(tmp_path, wm_path, ray_started):
+    import ray
+
+    from services.server_actor import start_server_actors, stop_server_actors
+    from services.vector_env import RemoteVectorEnv
+
+    raw = tmp_path / "raw"
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
+                          flush_seconds=0.2, episode_offset=5000, max_restarts=2)
+    rng = np.random.default_rng(0)
+    actors, (address,) = start_server_actors([config])
+    try:
+        env = RemoteVectorEnv(address, TASK, B, fidelity=0.5, seed=2, timeout=120)
+        env.reset(seed=2)
+        ended: set[int] = set()
+
+        def step() -> tuple:
+            _, _, terminated, truncated, info = env.step(random_actions(rng))
+            done = terminated | truncated
+            ended.update(info["episode_id"][done & info["_episode_id"]].tolist())
+            return terminated, truncated
+
+        for _ in range(T + 5):
+            step()
+        before = set(ended)
+        assert len(before) == B
+        wait_for(lambda: stored_ids(raw) == before, "the first incarnation's ended episodes on disk")
+        old_pid = ray.get(actors[0].pid.remote())
+        os.kill(old_pid, signal.SIGKILL)
+
+        terminated, truncated = step()                   # waits for the new incarnation, re-creates the session
+        assert truncated.all() and not terminated.any() and env.sessions_recreated == 1
+        assert ray.get(actors[0].address.remote()) == address and ray.get(actors[0].pid.remote()) != old_pid
+        for _ in range(T + 6):       # a held reset step, a whole episode per env, a held reset step, 4 steps more
+            step()
+        env.close()
+    finally:
+        reports = stop_server_actors(actors)
+    (report,) = reports
+    assert report["incarnation"] == 1 and report["errors"] == []
+    assert report["transitions_served"] == report["transitions_stored"] == (T + 4) * B
+    data = assert_whole_and_unique(raw)
+    ids = set(np.unique(data.episode_ids).tolist())
+    assert before <= ids and len(ids) == 3 * B          # B before the kill; B whole and B unfinished after it
+    assert {p.name[:3] for p in shards(raw)} == {"s0-", "s1-"}
+    complete = data.select(np.isin(data.episode_ids, data.episode_ids[data.dones]))
+    assert len(complete) == 2 * B * T and complete.dones.sum() == 2 * B
+
+
+def test_stop_server_actors_raises_the_recording_error(tmp_path, wm_path, ray_started):
+    from services.server_actor import start_server_actors, stop_server_actors
+
+    raw = tmp_path / "raw"
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
+                          flush_seconds=0.05, max_restarts=0)
+    rng = np.random.default_rng(0)
+    actors, (address,) = start_server_actors([config])
+    try:
+        with read_only(raw), SimulatorClient(address) as client:
+            session = client.create_session(TASK, B, seed=1)
+            session.reset()
+            for _ in range(T):
+                session.step(random_actions(rng))
+            with pytest.raises(FailedPrecondition, match=rf"{raw}/s0-\w+-00000\.npz: \w+Error: \[Errno \d+\]"):
+                step_until_it_fails(session, rng)
+            with pytest.raises(RecordingError, match=rf"cannot write trajectory shard {raw}/s0-\w+-00000\.npz: "
+                                                     rf"\w+Error: \[Errno \d+\].*\(server {address}\)") as failed:
+                stop_server_actors(actors)
+    finally:
+        stop_server_actors(actors)
+    (report,) = failed.value.reports
+    assert report["transitions_served"] >= T * B and report["transitions_stored"] == 0
+    assert failed.value.path.startswith(str(raw)) and "Errno" in failed.value.error
