@@ -1,23 +1,30 @@
 """RLPF: how much an imagined trajectory violates the engine's physics.
 
 For every imagined transition ``(s, a, s')`` of a window (``s`` is the real start state for the
-first one, the previous imagined state after that) the engine checks:
+first one, the previous imagined state after that) the engine steps ``e = step(s, a)`` and:
 
-- ``residual``: ``s'`` against the engine's own ``step_vectors(s, a)``, per dimension over the data
-  scale, RMS over the dimensions;
-- ``penetration`` and ``joint_limit``: the constraint violations of ``s'`` (MuJoCo collision);
-- ``kinematic``: the change of position against the velocities. With ``n`` semi-implicit Euler
-  substeps of ``h = dt / n``, ``dq = h * sum(v_k)``; under constant acceleration that is
-  ``h * ((n - 1) v + (n + 1) v') / 2``, and what is left is allowed up to ``dt * |v' - v| / 2``
-  (an impact inside the step). The engine's own trajectories satisfy it to ~1e-3;
+- ``residual``: ``s' - e`` per dimension over the data scale, RMS over the dimensions;
+- ``kinematic``: the part of ``s' - e`` that no force can explain. The engine integrates with
+  semi-implicit Euler over ``n`` substeps of ``h = dt / n``: ``q_n = q_0 + h * sum_k v_k``. An imagined
+  step that differs from the engine's by any force held over the control step (the error a world
+  model makes) has velocity deviations growing linearly, ``dv_k = (k / n) dv``, so its position
+  deviation is exactly ``h (n + 1) / 2 * dv``. The check is ``|dq - h (n + 1) / 2 * dv|`` per
+  hinge/slide joint (joint units, largest over the joints): 0 for the engine's own step and for
+  any smooth dynamics error, the jump itself for a teleport, ``h (n + 1) / 2 * |dv|`` for a velocity
+  the position change does not follow;
+- ``penetration``: how much deeper the deepest interpenetration of ``s'`` is (MuJoCo collision)
+  than that of ``e``; ``joint_limit``: how much further a joint of ``s'`` lies past its limit than
+  in ``e`` (largest over the joints). The engine's own soft contacts and limits allow some of
+  both; only what the imagination adds is a violation;
 - ``nonfinite``: a NaN/inf in ``s``, ``a`` or ``s'`` (masked before the engine call, never stepped).
 
-Each component is in units of its tolerance (1.0 = at the tolerance); a transition's score is the
-largest component, a window's the mean over its transitions, and it violates physics when any
-transition scores above 1. The reward term is ``-tanh(window score)`` in (-1, 0].
-All B*H transitions go to the engine in one ``step_vectors`` call and one constraints call; for
-a JAX engine the batch is padded to a power of two, so a varying number of closed windows costs
-a handful of compiles, not one per batch size.
+So a trajectory the engine produced scores exactly 0 on every component, with no slack that a
+corruption could hide in (``benchmarks/rlpf.py`` measures both). Each component is in units of its
+tolerance (1.0 = at the tolerance); a transition's score is the largest component, a window's the
+mean over its transitions, and it violates physics when any transition scores above 1. The reward
+term is ``-tanh(window score)`` in (-1, 0]. All B*H transitions go to the engine in one ``step_vectors``
+call and two ``constraints`` calls (imagined and stepped states); for a JAX engine the batch is
+padded to a power of two, so a varying number of closed windows costs a handful of compiles.
 """
 
 from __future__ import annotations
@@ -83,28 +90,28 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
     safe_next = np.where(bad[:, None], placeholder, nxt)
     safe_a = np.where(bad[:, None], 0.0, a)
 
-    pad = _bucket(len(bad)) - len(bad) if getattr(engine, "name", "") in JIT_ENGINES else 0
+    n = len(bad)
+    pad = _bucket(n) - n if getattr(engine, "name", "") in JIT_ENGINES else 0
     if pad:  # a JAX engine compiles once per batch shape: round the batch up to a power of two
         safe_prev, safe_next = (np.concatenate([x, np.repeat(placeholder[None], pad, 0)]) for x in (safe_prev, safe_next))
         safe_a = np.concatenate([safe_a, np.zeros((pad, safe_a.shape[1]))])
     stepped = np.asarray(engine.step_vectors(safe_prev, safe_a), dtype=np.float64)
-    constraints = engine.constraints(engine.from_vector(safe_next))
-    n = len(bad)
-    safe_prev, safe_next, stepped = safe_prev[:n], safe_next[:n], stepped[:n]
+    finite_step = np.isfinite(stepped).all(1)
+    imagined_c = engine.constraints(engine.from_vector(safe_next))
+    stepped_c = engine.constraints(engine.from_vector(np.where(finite_step[:, None], stepped, placeholder)))
+    safe_prev, safe_next, stepped, finite_step = safe_prev[:n], safe_next[:n], stepped[:n], finite_step[:n]
     hinges, joints = _joint_layout(engine, spec)
 
     with np.errstate(over="ignore", invalid="ignore"):
         diff = safe_next - stepped
         diff[:, hinges] = _wrap(diff[:, hinges])
         residual = np.sqrt(np.mean((diff / sc) ** 2, axis=1))
-        residual = np.where(np.isfinite(stepped).all(1), residual, np.inf)
-        kinematic = _kinematic_error(safe_prev, safe_next, spec, engine.task.n_substeps, joints, hinges)
-
-    raw = {
-        "residual": residual,
-        "penetration": np.asarray(constraints.penetration, dtype=np.float64)[:n],
-        "joint_limit": np.asarray(constraints.joint_limit_excess, dtype=np.float64)[:n],
-        "kinematic": kinematic,
+        kinematic = _kinematic_error(diff, spec.control_dt, engine.task.n_substeps, joints)
+    raw = {  # where the engine itself blew up from s, s was no physical state: saturate
+        "residual": np.where(finite_step, residual, np.inf),
+        "penetration": _excess(imagined_c.penetration, stepped_c.penetration, n),
+        "joint_limit": np.where(finite_step, _limit_excess(safe_next, stepped, spec.joint_limits), np.inf),
+        "kinematic": np.where(finite_step, kinematic, np.inf),
     }
     comps = {k: raw[k] / getattr(tol, k) for k in raw}
     big = 100.0 * cfg.nonfinite_score
@@ -169,17 +176,30 @@ def _wrap(x: np.ndarray) -> np.ndarray:
     return (x + np.pi) % (2 * np.pi) - np.pi
 
 
-def _kinematic_error(prev: np.ndarray, nxt: np.ndarray, spec: Any, n: int, joints: np.ndarray,
-                     hinges: np.ndarray) -> np.ndarray:
-    """Largest change of position ``[N]`` not explained by the velocities (joint units)."""
+def _limit_excess(imagined: np.ndarray, stepped: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """Largest distance ``[N]`` a joint lies further past its limit in the imagined state than in the engine's."""
+    def past(states: np.ndarray) -> np.ndarray:
+        q = states[:, : len(limits)]
+        with np.errstate(invalid="ignore"):
+            out = np.maximum(limits[:, 0] - q, q - limits[:, 1])
+        return np.where(np.isfinite(limits).all(axis=1), np.clip(out, 0.0, None), 0.0)
+
+    return np.clip(past(imagined) - past(stepped), 0.0, None).max(axis=1, initial=0.0)
+
+
+def _excess(imagined: np.ndarray, stepped: np.ndarray, n: int) -> np.ndarray:
+    """How much a constraint violation of the imagined states exceeds the engine's, ``>= 0``."""
+    return np.clip(np.asarray(imagined, np.float64)[:n] - np.asarray(stepped, np.float64)[:n], 0.0, None)
+
+
+def kinematic_gap(diff: np.ndarray, control_dt: float, n_substeps: int, joints: np.ndarray) -> np.ndarray:
+    """``dq - h (n + 1) / 2 * dv`` per hinge/slide joint ``[N, J]`` of deviations ``diff = s' - step(s, a)``."""
     if len(joints) == 0:
-        return np.zeros(len(prev))
-    qi, vi = joints[:, 0], joints[:, 1]
-    v0, v1 = prev[:, vi], nxt[:, vi]
-    dt = spec.control_dt
-    h = dt / n
-    gap = nxt[:, qi] - prev[:, qi] - h * ((n - 1) * v0 + (n + 1) * v1) / 2.0
-    wrap = np.isin(qi, hinges)  # a whole turn of a free hinge is the same configuration
-    gap[:, wrap] = _wrap(gap[:, wrap])
-    err = np.abs(gap) - 0.5 * dt * np.abs(v1 - v0)
-    return np.clip(err, 0.0, None).max(axis=1)
+        return np.zeros((len(diff), 0))
+    h = control_dt / n_substeps
+    return diff[:, joints[:, 0]] - h * (n_substeps + 1) / 2.0 * diff[:, joints[:, 1]]
+
+
+def _kinematic_error(diff: np.ndarray, control_dt: float, n_substeps: int, joints: np.ndarray) -> np.ndarray:
+    """Largest change of position ``[N]`` that no force held over the control step explains (joint units)."""
+    return np.abs(kinematic_gap(diff, control_dt, n_substeps, joints)).max(axis=1, initial=0.0)
