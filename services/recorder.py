@@ -111,7 +111,7 @@ class Recorder:
 
     def abandon(self) -> None:
         """The buffered unfinished episodes will not continue (their envs were reset): write them soon, as they are."""
-        with self._cond:
+        with self._write_lock, self._cond:
             if not self._parts:
                 return
             ids = np.unique(np.concatenate([p["episode_ids"] for p in self._parts]))
@@ -191,7 +191,7 @@ class Recorder:
                                      rewards=rows["rewards"], meta={**self.meta, "session_id": self.session_id})
             try:
                 data.save(path)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - disk full, read-only, ...: kept as the recorder's error
                 with self._cond:
                     self._parts.insert(0, rows)
                     self.error = RecordingError(str(path), f"{type(exc).__name__}: {exc}")

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import signal
 import sys
 import threading
+import time
 import traceback
 from concurrent import futures
 from typing import Self
@@ -80,7 +81,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self._blocks = 0
         self.incarnation = claim_incarnation(config.trajectory_dir, str(config.episode_offset))
         self._totals = dict.fromkeys(TOTALS, 0)
-        self._errors: list[str] = []
+        self._errors: list[dict] = []
 
     def _episode_offset(self) -> int:
         with self._lock:
@@ -331,8 +332,10 @@ class ServerProcess:
         if conn is not None:
             try:
                 conn.send("stop")
-                if conn.poll(self.grace + 30):
-                    report = conn.recv()[1]
+                end = time.monotonic() + self.grace + 30
+                while report is None and conn.poll(max(end - time.monotonic(), 0.0)):
+                    tag, value = conn.recv()
+                    report = value if tag == "report" else None
             except (EOFError, OSError):   # the process died before it reported
                 pass
             conn.close()

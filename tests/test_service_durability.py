@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -189,6 +190,41 @@ def test_killed_server_loses_only_the_episodes_in_flight(tmp_path, wm_path):
     data = assert_whole_and_unique(raw)
     assert set(np.unique(data.episode_ids).tolist()) == ended and not in_flight & ended
     assert len(data) == 2 * B * T and data.dones.sum() == 2 * B
+
+
+def test_streaming_env_waits_for_a_restarted_server_and_continues_in_a_new_session(tmp_path, wm_path):
+    from services.server_actor import free_port
+    from services.vector_env import RemoteVectorEnv
+
+    raw = tmp_path / "raw"
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
+                          port=free_port("127.0.0.1"), flush_seconds=0.2)
+    rng = np.random.default_rng(0)
+    first = ServerProcess(config).start()
+    env = RemoteVectorEnv(first.address, TASK, B, seed=4, streaming=True, timeout=120)
+    try:
+        env.reset()
+        for _ in range(5):
+            env.step(random_actions(rng))
+        os.kill(first.pid, signal.SIGKILL)
+        first.stop()
+        result: dict = {}
+        stepping = threading.Thread(target=lambda: result.update(out=env.step(random_actions(rng))))
+        stepping.start()                                 # retries UNAVAILABLE while no server listens
+        with ServerProcess(config) as second:
+            stepping.join(120)
+            obs, reward, terminated, truncated, _ = result["out"]
+            assert truncated.all() and not terminated.any() and not reward.any()
+            assert env.sessions_recreated == 1 and env.session.id.startswith("s1-")
+            for _ in range(T + 1):
+                obs, reward, terminated, truncated, _ = env.step(random_actions(rng))
+            assert truncated.all()                       # the new episodes ran to their time limit
+            env.close()
+            report = second.stop()
+    finally:
+        env.close()
+    assert report["incarnation"] == 1 and report["transitions_served"] == report["transitions_stored"] == T * B
+    assert len(stored_ids(raw)) == B and len(assert_whole_and_unique(raw)) == T * B
 
 
 def test_unwritable_directory_fails_the_session_with_path_and_os_error(tmp_path, wm_path):
