@@ -43,11 +43,12 @@ from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.proto.flywheel.simulator.v1 import simulator_pb2_grpc as pb_grpc
 from services.recorder import claim_incarnation
 from services.session import ServiceError, SessionRequest, SimSession, open_session
+from simulators.physics.scale import data_scale
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Simulator"].full_name
 EPISODE_BLOCK = 2**32   # episode ids per simulator instance: sessions never share one
-SESSIONS_PER_INCARNATION = 2**16   # session blocks per server incarnation; a restart takes the next range
+SESSIONS_PER_INCARNATION = 2**16   # episode-id blocks per server incarnation; a restart takes the next range
 TOTALS = ("transitions_served", "transitions_stored", "episodes_stored", "shards")
 
 
@@ -86,8 +87,8 @@ class SimulatorService(pb_grpc.SimulatorServicer):
     def _episode_offset(self) -> int:
         with self._lock:
             if self._blocks >= SESSIONS_PER_INCARNATION:
-                raise ServiceError("RESOURCE_EXHAUSTED", f"the server opened its maximum of {SESSIONS_PER_INCARNATION} "
-                                   "sessions in its lifetime; start a new server")
+                raise ServiceError("RESOURCE_EXHAUSTED", f"the server used all its {SESSIONS_PER_INCARNATION} "
+                                   "episode-id blocks (one per session and per reset); start a new server")
             self._blocks += 1
             block = self.incarnation * SESSIONS_PER_INCARNATION + self._blocks - 1
             return self.config.episode_offset + block * EPISODE_BLOCK
@@ -203,8 +204,11 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self._check_batch(len(start), "Verify batch")
         actions = decode_float(request.actions, "actions", (len(start), None, a))
         nxt = decode_float(request.next_states, "next_states", (len(start), actions.shape[1], s), finite=False)
+        wm = self.models.get()  # the residual's scale: the world model's where it is of this task, else the task's data scale
+        scale = wm.state_scale if wm.task.name == engine.task.name else data_scale(engine.task, self.config.engine_params or None)
         with lock:
-            report = verify_report(engine, start, actions, nxt, self.config.reward, self.models.get().state_scale)
+            report = verify_report(engine, start, actions, nxt, self.config.reward, scale)
+        report["scale"] = np.asarray(scale, dtype=np.float64)
         return pb.VerifyResponse(report={k: encode(v.astype(np.float32) if v.dtype.kind == "f" else v)
                                          for k, v in report.items()}, wm_version=self.models.current)
 

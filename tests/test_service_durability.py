@@ -166,6 +166,23 @@ def step_until_it_fails(session, rng: np.random.Generator, limit: float = 60.0) 
     raise AssertionError(f"session {session.id} kept serving for {limit:.0f} s after its recorder failed")
 
 
+def test_episodes_cut_short_by_a_reset_are_written_once_under_ids_never_reused(tmp_path, wm_path):
+    from services.local_env import LocalVectorEnv
+
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(tmp_path),
+                          flush_seconds=0.05)
+    env = LocalVectorEnv(TASK, B, config=config)
+    rng = np.random.default_rng(0)
+    for seed in (None, None, 3):
+        env.reset(seed=seed)
+        for _ in range(5):
+            env.step(random_actions(rng))
+    wait_for(lambda: len(stored_ids(tmp_path)) == 2 * B, "the episodes cut short by the two resets on disk")
+    env.close()
+    data = assert_whole_and_unique(tmp_path)
+    assert len(np.unique(data.episode_ids)) == 3 * B and len(data) == 3 * 5 * B and not data.dones.any()
+
+
 # -- a server process ---------------------------------------------------------------------------
 def test_killed_server_loses_only_the_episodes_in_flight(tmp_path, wm_path):
     raw = tmp_path / "raw"
