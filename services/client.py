@@ -197,7 +197,13 @@ class SimulatorClient:
 
     def verify(self, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
                task: str = "") -> dict[str, np.ndarray]:
-        """Physics-violation (RLPF) report of a trajectory: ``{"score": [B,H], "violates": [B], ...}``."""
+        """Physics-violation (RLPF) report of windows ``[B,S], [B,H,A], [B,H,S]`` for ``task`` (empty: the server's).
+
+        Keys, exactly: ``per_transition [B,H]``, ``per_window [B]``, ``violates [B]``, ``reward [B]``,
+        ``components/<name> [B,H]`` (tolerance units) and ``raw/<name> [B,H]`` (physical units) for each
+        name in ``rewards.COMPONENTS``, and ``scale [S]``: the residual's scale (the current world model's
+        when it is of ``task``, else ``simulators.physics.scale.data_scale(task)``).
+        """
         r = self.call("Verify", pb.VerifyRequest(task=task, states=encode(states), actions=encode(actions),
                                                  next_states=encode(next_states)))
         return {k: decode(v) for k, v in r.report.items()}
