@@ -110,8 +110,25 @@ def make_task(task: str | Task) -> Task:
                          "the module must be importable (on sys.path or PYTHONPATH)") from exc
     if not isinstance(obj, Task):
         raise ValueError(f"task {task!r} ({TASKS.target(task)}) is a {type(obj).__name__}, not a simulators.tasks.Task")
+    check_task(obj, task)
     return obj
 
 
-__all__ = ["ENV_VAR", "PARAM_NAMES", "TASKS", "Task", "TaskRegistry", "make_task", "register_task", "tolerance",
+def check_task(task: Task, registered: str | None = None) -> Task:
+    """Check the fields every task must set (README, "Adding a task"); ``ValueError`` names the first one wrong."""
+    where = f"task class {type(task).__name__}" + (f" (registered as {registered!r})" if registered else "")
+    if registered is not None and task.name != registered:
+        raise ValueError(f"{where} has name {task.name!r}; set its name field to {registered!r}")
+    if "<mujoco" not in task.xml:
+        raise ValueError(f"{where}: xml must be an MJCF document (<mujoco ...>), got {task.xml[:40]!r}")
+    for field, low in (("n_substeps", 1), ("episode_length", 1), ("success_steps", 1), ("observation_size", 1)):
+        value = getattr(task, field)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{where}: {field} must be an integer >= {low}, got {value!r}")
+    if task.success_steps > task.episode_length:
+        raise ValueError(f"{where}: success_steps ({task.success_steps}) must be <= episode_length ({task.episode_length})")
+    return task
+
+
+__all__ = ["ENV_VAR", "PARAM_NAMES", "TASKS", "Task", "TaskRegistry", "check_task", "make_task", "register_task", "tolerance",
            "wrap_angle"]
