@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import simulators
-from simulators.physics import ENGINES, UnsupportedTask, auto_backend
+from simulators.physics import ENGINES, UnsupportedTask, auto_backend, compliance
 from simulators.physics.agreement import TARGET_ONE_STEP, TARGET_TEN_STEPS, contact_pairs, limited_joints
+from simulators.physics.compliance import BATCH, actions_for, rollout
 
 BACKENDS = tuple(e for e in ENGINES if e != "auto")
-BATCH = 8  # one batch shape everywhere: a JAX engine compiles once per task
 
 
 @functools.cache
@@ -34,47 +34,9 @@ def engine_or_refusal(name: str, task: str):
     eng = built(name, task)
     if not isinstance(eng, UnsupportedTask):
         return eng
-    msg = str(eng)
-    assert name in msg and repr(task) in msg, msg
-    capable = re.search(r"engines that can: ([\w, ]+)", msg)
-    assert capable, f"the refusal names no engine that can run {task!r}: {msg}"
-    for other in capable.group(1).split(", "):
+    for other in compliance.check_refusal(eng, name, task):
         assert not isinstance(built(other, task), UnsupportedTask), f"{other} is named as capable of {task!r} but refuses"
     return None
-
-
-def random_actions(spec, steps: int, seed: int = 0, bang: bool = False) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    a = rng.uniform(spec.action_low, spec.action_high, size=(steps, BATCH, spec.action_size))
-    return np.where(a > (spec.action_low + spec.action_high) / 2, spec.action_high, spec.action_low) if bang else a
-
-
-def rollout(eng, start, actions: np.ndarray) -> np.ndarray:
-    """States ``[B, T+1, S]`` from ``start`` (a seed for ``reset`` or state vectors) under ``actions [T, B, A]``."""
-    state = eng.reset(start, BATCH) if isinstance(start, int) else eng.from_vector(start)
-    out = [eng.to_vector(state)]
-    for a in actions:
-        state = eng.step(state, a)
-        out.append(eng.to_vector(state))
-    return np.stack(out, axis=1)
-
-
-def mj_step_reference(task, start: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """A plain single-threaded ``mujoco.mj_step`` loop of the task's own MJCF: ``[B, T, S]``."""
-    model = mujoco.MjModel.from_xml_string(task.xml)
-    data = mujoco.MjData(model)
-    out = []
-    for i, s in enumerate(start):
-        mujoco.mj_resetData(model, data)
-        data.qpos[:], data.qvel[:] = s[: model.nq], s[model.nq:]
-        traj = []
-        for a in actions[:, i]:
-            data.ctrl[:] = a
-            for _ in range(task.n_substeps):
-                mujoco.mj_step(model, data)
-            traj.append(np.concatenate([data.qpos, data.qvel]))
-        out.append(traj)
-    return np.array(out)
 
 
 def test_every_task_runs_on_some_engine_and_the_suite_covers_the_registries():
@@ -88,21 +50,8 @@ def test_every_task_runs_on_some_engine_and_the_suite_covers_the_registries():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_rollout_has_spec_shapes_no_nan_and_is_deterministic(backend, task):
     eng = engine_or_refusal(backend, task)
-    if eng is None:
-        return
-    spec = eng.spec
-    assert spec.state_size == spec.nq + spec.nv
-    assert spec.joint_limits.shape == (spec.nq, 2)
-    assert len(spec.state_names) == spec.state_size and all(spec.state_names)
-    assert spec.control_dt > 0
-    assert spec.observation_size == eng.task.observation_size > 0
-    actions = random_actions(spec, 100)
-    traj = rollout(eng, 7, actions)
-    assert traj.shape == (BATCH, 101, spec.state_size)
-    assert np.isfinite(traj).all()
-    assert eng.task.observe(traj[:, -1]).shape == (BATCH, eng.task.observation_size)
-    np.testing.assert_array_equal(rollout(eng, 7, actions), traj)
-    assert not np.allclose(rollout(eng, 8, actions[:3])[:, 0], traj[:, 0])
+    if eng is not None:
+        compliance.check_spec_and_rollout(eng)
 
 
 @pytest.mark.parametrize("bang", [False, True], ids=["random", "bang-bang"])
@@ -114,41 +63,9 @@ def test_agrees_with_plain_mj_step_loop(backend, task, bang):
         return
     agreement = eng.agreement
     assert agreement.one_step <= TARGET_ONE_STEP and agreement.ten_steps <= TARGET_TEN_STEPS
-    actions = random_actions(eng.spec, 10, seed=1, bang=bang)
-    traj = rollout(eng, 3, actions)
-    err = np.abs(traj[:, 1:] - mj_step_reference(eng.task, traj[:, 0], actions)).max(axis=(0, 2))
+    err = compliance.agreement_error(eng, bang=bang)
     assert err[0] < agreement.one_step, f"{backend} on {task}: {err[0]:.2e} after one control step"
     assert err.max() < agreement.ten_steps, f"{backend} on {task}: {err.max():.2e} within ten control steps"
-
-
-def limit_starts(eng) -> np.ndarray | None:
-    """``BATCH`` initial states with a limited joint just past a limit, moving on (none if nothing is limited)."""
-    m = eng.model
-    joints = limited_joints(m)
-    if not len(joints):
-        return None
-    base = eng.task.initial_states(np.random.default_rng(0), BATCH)
-    out = base.copy()
-    for r in range(BATCH):
-        j, side = joints[r % len(joints)], (r // len(joints)) % 2
-        speed = (0.5, 2.0)[(r // (2 * len(joints))) % 2]
-        out[r, m.jnt_qposadr[j]] = m.jnt_range[j, side] + (1e-3 if side else -1e-3)   # 1 mm/mrad past it
-        out[r, m.nq + m.jnt_dofadr[j]] = speed if side else -speed
-    deeper = eng.constraints(eng.from_vector(out)).penetration > eng.constraints(eng.from_vector(base)).penetration + 1e-9
-    out[deeper] = base[deeper]  # a limit pose that drives a body into another is not what is tested here
-    return out
-
-
-def active_limits(task, states: np.ndarray) -> np.ndarray:
-    """Per state, the number of joint-limit constraints MuJoCo's solver has active."""
-    model = mujoco.MjModel.from_xml_string(task.xml)
-    data = mujoco.MjData(model)
-    out = []
-    for s in states:
-        data.qpos[:], data.qvel[:] = s[: model.nq], s[model.nq:]
-        mujoco.mj_forward(model, data)
-        out.append(int((data.efc_type == mujoco.mjtConstraint.mjCNSTR_LIMIT_JOINT).sum()))
-    return np.array(out)
 
 
 @pytest.mark.parametrize("task", simulators.TASKS)
@@ -157,15 +74,11 @@ def test_agrees_with_mj_step_at_joint_limits(backend, task):
     eng = engine_or_refusal(backend, task)
     if eng is None:
         return
-    start = limit_starts(eng)
-    if start is None:
+    err = compliance.limit_agreement_error(eng)
+    if err is None:
         assert not len(limited_joints(eng.model))
-        return
-    actions = random_actions(eng.spec, 1, seed=4)
-    traj = rollout(eng, start, actions)
-    assert active_limits(eng.task, start).sum() >= BATCH // 2      # the limits really are in play
-    err = np.abs(traj[:, 1] - mj_step_reference(eng.task, start, actions)[:, 0]).max()
-    assert err < eng.agreement.at_limits, f"{backend} on {task}: {err:.2e} at a joint limit"
+    else:
+        assert err < eng.agreement.at_limits, f"{backend} on {task}: {err:.2e} at a joint limit"
 
 
 def undamped_pendulum():
@@ -233,7 +146,7 @@ def test_constraints_flag_joint_limit_and_penetration_and_not_engine_states():
     np.testing.assert_allclose(lift.constraints(s).penetration, [0, 0.01, 0.02], atol=1e-6)
     for task in simulators.TASKS:  # states the engine produced itself: soft contacts and limits give a little
         e = built("mujoco", task)
-        traj = rollout(e, 0, random_actions(e.spec, 200, seed=2, bang=True))
+        traj = rollout(e, 0, actions_for(e.spec, 200, seed=2, bang=True))
         cs = e.constraints(traj.reshape(-1, e.spec.state_size))
         assert cs.penetration.max() < 0.01 and cs.joint_limit_excess.max() < 0.05 and not cs.nonfinite.any(), task
 
