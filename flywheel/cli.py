@@ -4,7 +4,7 @@
     flywheel run --resume DIR [key=value ...] [--force]    continue a run after its last finished stage
     flywheel sweep [key=value ...] --grid k=v1,v2 [--grid ...] --seeds N|S1,S2 [--ablations] [--run-dir DIR]
     flywheel sweep --spec configs/sweep/fidelity.yaml [key=value ...]
-    flywheel serve [--port P --task T ...]                 a standalone simulator server (services.server)
+    flywheel serve [--port P --task T ...] [key=value ...]  a standalone simulator server (services.server)
     flywheel report DIR                                    rebuild the report of a run or a sweep
     flywheel config show [key=value ...]                   the resolved config, each value with its layer
 
@@ -58,10 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["serve"]:                     # the server parses its own options (and --help)
-        from services.server import main as serve_main
-
-        return serve_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "config":                  # prints the config; starts nothing
         return _config_show(args)
@@ -101,6 +99,45 @@ def _command(args) -> int:
         run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say, ablations=ablations)
         return 0
     return _report(Path(args.run_dir))
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _serve(argv: list[str]) -> int:
+    """``flywheel serve``: the server's config from the same layers as ``flywheel run``; bad input exits 2, one line."""
+    p = _OneLineParser(prog="flywheel serve", description="Serve the corrected simulator over gRPC. Overrides as for "
+                       "`flywheel run`: task, seed, engine.*, rewards.*, simulator.horizon and service.* (e.g. "
+                       "service.max_sessions=8 service.token_file=/run/secrets/token rewards.weights.physics=0.5).")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    flags = {"--host": "service.host", "--port": "service.port", "--task": "task", "--engine": "engine.name",
+             "--world-model-dir": "service.world_model_dir"}
+    for flag, key in flags.items():
+        p.add_argument(flag, help=f"the same as {key}=...")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="simulator physics parameter, the same as engine.params.NAME=VALUE (repeatable)")
+    p.add_argument("--world-model", help="world-model checkpoint to serve (default: an untrained model)")
+    p.add_argument("--trajectory-dir", help="record served trajectories here (default: record nothing)")
+    args = p.parse_intermixed_args(argv)
+    overrides = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, key in flags.items()
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+    for item in args.param:
+        if "=" not in item:
+            p.error(f"--param expects NAME=VALUE, got {item!r}")
+        overrides.append(f"engine.params.{item}")
+    per_run = {"world_model_path": args.world_model, "trajectory_dir": args.trajectory_dir}
+    try:
+        from flywheel.config import load_service_config
+
+        config = load_service_config([*overrides, *args.overrides], **{k: v for k, v in per_run.items() if v})
+    except ConfigError as exc:
+        print(f"flywheel serve: error: {exc}", file=sys.stderr)
+        return 2
+    from services.server import run_server
+
+    return run_server(config, prog="flywheel serve")
 
 
 def _run(args) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,28 @@ def load_config_with_origins(overrides: list[str] | tuple[str, ...] = (), base: 
         raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
     validate(obj)
     return obj, composed
+
+
+SERVE_KEYS = ("task", "seed", "preset", "simulator.horizon", "engine.", "rewards.", "service.")
+
+
+def load_service_config(overrides: list[str] | tuple[str, ...] = (), **per_run: Any) -> ServerConfig:
+    """A simulator server's config from ``load_config``'s layers (``flywheel serve``), filled in as a lap fills it.
+
+    Overrides may set ``task``, ``seed``, ``preset``, ``simulator.horizon``, ``engine.*``, ``rewards.*`` and
+    ``service.*``; ``per_run`` sets the fields a lap fills in (``world_model_path``, ``trajectory_dir``, ...).
+    """
+    for item in overrides:
+        key = item.partition("=")[0]
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in SERVE_KEYS):
+            raise ConfigError(f"config key '{key}' does not configure a simulator server; allowed: task, seed, preset, "
+                              "simulator.horizon, engine.*, rewards.*, service.*")
+    cfg = load_config(overrides)
+    try:
+        return replace(cfg.service, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
+                       seed=cfg.seed, reward=cfg.rewards, **per_run)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
 
 
 def format_config(cfg: FlywheelConfig, composed: Composed) -> str:

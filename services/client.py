@@ -8,24 +8,37 @@
             obs = out.observations
         session.close()
 
-Every call carries a deadline. Calls that are safe to repeat are retried with exponential backoff
-on UNAVAILABLE for up to ``retry_seconds`` (a restarting server comes back at the same address);
+Every call carries a deadline: ``timeout`` per call (connecting included, unless ``connect_timeout``
+says otherwise); a ``StreamStep`` stream lives at most ``stream_seconds`` (then a new one opens) and
+each of its steps must be answered within ``timeout``. Calls that are safe to repeat are retried with
+exponential backoff on UNAVAILABLE for up to ``retry_seconds`` (a restarting server comes back at the same address);
 Reset and Step are safe because they carry the session's sequence number and the server answers a
 repeated one from its cache. A server that restarted does not know the session (NOT_FOUND):
 ``Session.recreate`` opens a new one with the same settings. Errors raise a ``SimulatorError``
 subclass carrying the server's status code and message. Importing this module does not import
 JAX or the physics.
+
+A server with a token wants it on every call: ``token=``/``token_file=`` or ``$FLYWHEEL_TOKEN`` /
+``$FLYWHEEL_TOKEN_FILE``; a TLS server wants the CA of its certificate: ``tls_root_cert=`` or
+``$FLYWHEEL_TLS_ROOT_CERT`` (all of it in ``credentials=services.auth.ClientCredentials(...)``).
+Sessions are leases: one left without a call for the server's ``session_idle_s`` (``info.idle_timeout_s``)
+is closed by the server.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
 import grpc
 import numpy as np
 
+from services.auth import ClientCredentials, metadata
 from services.codec import decode, encode
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.proto.flywheel.simulator.v1 import simulator_pb2_grpc as pb_grpc
@@ -63,6 +76,14 @@ class DeadlineExceeded(SimulatorError):
     """The call's deadline passed."""
 
 
+class Unauthenticated(SimulatorError):
+    """The server wants a token this client did not send (or sent wrong)."""
+
+
+class Cancelled(SimulatorError):
+    """The call was cancelled before it was answered."""
+
+
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -70,6 +91,8 @@ _ERRORS = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.CANCELLED: Cancelled,
 }
 
 
@@ -100,6 +123,7 @@ class SessionInfo:
     horizon: int
     reward_weights: dict[str, float]
     wm_version: str
+    idle_timeout_s: float = 0.0     # the server closes the session after this long without a call
 
 
 @dataclass(frozen=True)
@@ -131,17 +155,24 @@ class SimulatorClient:
     _SAFE: ClassVar[frozenset[str]] = frozenset({"Reset", "Step", "CloseSession", "Imagine", "Verify", "LoadWorldModel", "Check"})
 
     def __init__(self, address: str, timeout: float = 60.0, retry_seconds: float | None = None, backoff: float = 0.1,
-                 max_message_mb: int = 256, connect_timeout: float = 30.0):
+                 max_message_mb: int = 256, connect_timeout: float | None = None, token: str | None = None,
+                 token_file: str | None = None, tls_root_cert: str | None = None,
+                 credentials: ClientCredentials | None = None, stream_seconds: float = 3600.0):
         self.address, self.timeout, self.backoff = address, float(timeout), float(backoff)
         self.retry_seconds = self.timeout if retry_seconds is None else float(retry_seconds)
-        self._channel = grpc.insecure_channel(address, options=[*channel_options(max_message_mb), *RECONNECT_OPTIONS])
+        self.stream_seconds = float(stream_seconds)
+        self.credentials = credentials or ClientCredentials.from_env(token, token_file, tls_root_cert)
+        self.metadata = metadata(self.credentials.resolved_token())
+        connect = self.timeout if connect_timeout is None else float(connect_timeout)
+        self._channel = self.credentials.channel(address, [*channel_options(max_message_mb), *RECONNECT_OPTIONS])
         self._stub = pb_grpc.SimulatorStub(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+            grpc.channel_ready_future(self._channel).result(timeout=connect)
         except grpc.FutureTimeoutError:
             self._channel.close()
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"no simulator server at {address} "
-                              f"after {connect_timeout:.0f} s") from None
+            hint = "" if self.credentials.tls else " (a TLS server needs tls_root_cert or $FLYWHEEL_TLS_ROOT_CERT)"
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"no simulator server at {address} after {connect:g} s"
+                              + hint) from None
 
     def __enter__(self) -> Self:
         return self
@@ -161,7 +192,7 @@ class SimulatorClient:
         attempt = 0
         while True:
             try:
-                return fn(request, timeout=self.timeout if timeout is None else timeout)
+                return fn(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
             pause = min(self.backoff * 2**attempt, 2.0)
@@ -186,7 +217,7 @@ class SimulatorClient:
         r = self.call("CreateSession", request)
         return SessionInfo(r.session_id, r.task, r.num_envs, decode(r.observation.low), decode(r.observation.high),
                            decode(r.action.low), decode(r.action.high), r.state_size, r.episode_length, r.control_dt,
-                           r.horizon, dict(r.reward_weights), r.wm_version)
+                           r.horizon, dict(r.reward_weights), r.wm_version, r.idle_timeout_s)
 
     def imagine(self, states: np.ndarray, actions: np.ndarray, task: str = "",
                 world_model_version: str = "") -> tuple[np.ndarray, str]:
@@ -208,9 +239,10 @@ class SimulatorClient:
                                                  next_states=encode(next_states)))
         return {k: decode(v) for k, v in r.report.items()}
 
-    def load_world_model(self, version: str = "", path: str = "") -> str:
-        """Swap the server's current world model; sessions created afterwards use it. Returns its version."""
-        return self.call("LoadWorldModel", pb.LoadWorldModelRequest(version=version, path=str(path))).wm_version
+    def load_world_model(self, version: str) -> str:
+        """Make ``version`` (loaded, or ``<version>.pt`` in the server's model directory) the server's current
+        world model; sessions created afterwards use it. Returns its version."""
+        return self.call("LoadWorldModel", pb.LoadWorldModelRequest(version=version)).wm_version
 
     def health(self, service: str = "") -> str:
         """Standard gRPC health check: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
@@ -218,7 +250,7 @@ class SimulatorClient:
 
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _ERRORS.get(exc.code(), SimulatorError)(exc.code(), exc.details() or "", "Check") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
@@ -233,8 +265,10 @@ class Session:
         self.client, self.info, self.id = client, info, info.session_id
         self.request = request
         self.recreated = 0
+        self.episode_ids: np.ndarray | None = None    # [B] the episodes the last reset started
         self._seq = 0
         self._stream = None
+        self._streaming = False
 
     def recreate(self) -> SessionInfo:
         """Open a new server-side session with this one's settings (after the server lost it, e.g. it restarted).
@@ -255,13 +289,21 @@ class Session:
         self.info, self.id, self.recreated, self._seq = info, info.session_id, self.recreated + 1, 0
         if self._stream is not None:
             self._stream.close()
-            self._stream = _StepStream(self.client)
+            self._stream = None
         return info
 
-    def reset(self, seed: int | None = None) -> np.ndarray:
-        """Reset every env (re-seeded when ``seed`` is given); returns observations ``[B, O]``."""
-        r = self._sequenced("Reset", pb.ResetRequest(session_id=self.id, seq=self._seq + 1, has_seed=seed is not None,
-                                                     seed=0 if seed is None else int(seed)))
+    def reset(self, seed: int | list[int] | None = None) -> np.ndarray:
+        """Reset every env (re-seeded when ``seed`` is given: an int, or one per env); returns observations ``[B, O]``.
+
+        ``episode_ids`` then holds the episode each env starts.
+        """
+        request = pb.ResetRequest(session_id=self.id, seq=self._seq + 1)
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            request.seeds.extend(int(s) for s in seed)
+        elif seed is not None:
+            request.has_seed, request.seed = True, int(seed)
+        r = self._sequenced("Reset", request)
+        self.episode_ids = decode(r.episode_ids) if r.episode_ids.dtype else None
         return decode(r.observations)
 
     def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
@@ -277,22 +319,27 @@ class Session:
         After an ambiguous failure (deadline, unavailable) repeat the same request: the server
         either runs it or answers it from its cache.
         """
-        if self._stream is not None and method == "Step":
-            if self._stream.dead:
+        if self._streaming and method == "Step":
+            if self._stream is None or self._stream.dead:
+                if self._stream is not None:
+                    self._stream.close()
                 self._stream = _StepStream(self.client)
             response = self._stream.send(request)
+            if self._stream.refused:            # the server has no stream slot free: unary calls from now on
+                self._streaming = False
         else:
             response = self.client.call(method, request)
         self._seq = request.seq
         return response
 
     def use_stream(self) -> None:
-        """Step over one bidirectional ``StreamStep`` call instead of unary calls."""
-        if self._stream is None:
-            self._stream = _StepStream(self.client)
+        """Step over a bidirectional ``StreamStep`` call instead of unary calls (unary while the server has no
+        stream slot free)."""
+        self._streaming = True
 
     def close(self) -> dict:
         """Close the session (the server flushes its recorder); returns transitions served and shard files."""
+        self._streaming = False
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -302,25 +349,84 @@ class Session:
 
 
 class _StepStream:
-    """A ``StreamStep`` call fed one request at a time; a broken stream falls back to a unary retry."""
+    """A ``StreamStep`` call fed one request at a time.
+
+    The stream lives at most ``client.stream_seconds``; each answer must come within ``client.timeout``
+    (a watchdog cancels the stream otherwise: DeadlineExceeded). A stream that broke or aged out falls
+    back to a unary retry of the same request (its sequence number makes that safe); one the server
+    refused for want of a slot sets ``refused`` and is answered by a unary call.
+    """
 
     def __init__(self, client: SimulatorClient):
-        import queue
-
-        self.client, self.dead = client, False
+        self.client, self.dead, self.refused = client, False, False
         self._requests: queue.Queue = queue.Queue()
-        self._responses = client._stub.StreamStep(iter(self._requests.get, None))
+        self._responses = client._stub.StreamStep(iter(self._requests.get, None), timeout=client.stream_seconds,
+                                                  metadata=client.metadata)
+        self._watchdog = _Watchdog(self._responses.cancel)
 
     def send(self, request: pb.StepRequest) -> pb.StepResponse:
         self._requests.put(request)
         try:
-            return next(self._responses)
+            with self._watchdog.armed(self.client.timeout):
+                return next(self._responses)
+        except StopIteration:
+            self.dead = True
+            return self.client.call("Step", request)
         except grpc.RpcError as exc:
             self.dead = True
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:   # same seq: the server's cache makes this safe
+            code = exc.code()
+            if self._watchdog.fired:
+                raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.client.timeout:g} s "
+                                       f"from {self.client.address}", "StreamStep") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "stream" in (exc.details() or ""):
+                self.refused = True
                 return self.client.call("Step", request)
-            raise _ERRORS.get(exc.code(), SimulatorError)(exc.code(), exc.details() or "", "StreamStep") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):   # same seq: cached if it ran
+                return self.client.call("Step", request)
+            raise _ERRORS.get(code, SimulatorError)(code, exc.details() or "", "StreamStep") from None
 
     def close(self) -> None:
         self._requests.put(None)
         self._responses.cancel()
+        self._watchdog.close()
+
+
+class _Watchdog:
+    """Calls ``cancel`` when an armed wait outlasts its timeout (one thread, shared by every wait of a stream)."""
+
+    def __init__(self, cancel):
+        self._cancel, self.fired = cancel, False
+        self._deadline: float | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def armed(self, seconds: float) -> Iterator[None]:
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._deadline = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.fired, self._deadline = True, None
+                self._cancel()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()

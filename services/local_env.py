@@ -38,8 +38,11 @@ class LocalVectorEnv(SimulatorVectorEnv):
                                     lambda: self.config.episode_offset + next(offsets) * 2**32)
         self._setup(self.session.info)
 
-    def _reset(self, seed: int | None) -> np.ndarray:
+    def _reset(self, seed: int | list[int] | None) -> np.ndarray:
         return self.session.restart(seed)
+
+    def _episode_ids(self) -> np.ndarray:
+        return self.session.start_ids()
 
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
         r, g = self.session.advance(actions, hold)
@@ -52,4 +55,4 @@ class LocalVectorEnv(SimulatorVectorEnv):
                          self.session.wm_version)
 
     def close_extras(self, **kwargs) -> None:
-        self.session.close()
+        self.session.close()            # recordings written, the engine closed

@@ -1,10 +1,18 @@
-"""World models by version and the physics checker the server shares between calls."""
+"""World models by version and the physics checker the server shares between calls.
+
+``LoadWorldModel`` reads only ``<world_model_dir>/<version>.pt``, with ``version`` a plain name
+(letters, digits, ``.``, ``_``, ``-``; no path separators, no wildcards, no ``..``); its errors never
+say whether some other path exists. At most ``MAX_MODELS`` versions stay loaded (the current one
+always); sessions keep the model they were created with.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +21,18 @@ from services.config import ServerConfig
 from services.session import ServiceError
 
 log = logging.getLogger(__name__)
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SUFFIX = ".pt"
+MAX_MODELS = 8
+
+
+def check_version(version: str) -> str:
+    """A world-model version name, or INVALID_ARGUMENT saying what a name may hold."""
+    if not VERSION.fullmatch(version) or ".." in version:
+        raise ServiceError("INVALID_ARGUMENT", f"world-model version {version[:64]!r} is not a version name: "
+                           "1 to 128 letters, digits, '.', '_' or '-' starting with a letter or digit (no path "
+                           "separators, wildcards or '..')")
+    return version
 
 
 class ModelStore:
@@ -20,7 +40,7 @@ class ModelStore:
 
     def __init__(self, config: ServerConfig, world_model=None):
         self.config = config
-        self._models: dict = {}
+        self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._verifiers: dict[str, tuple] = {}
         if world_model is None and config.world_model_path:
@@ -50,37 +70,63 @@ class ModelStore:
     def _add(self, wm) -> None:
         with self._lock:
             self._models[wm.version] = wm
+            self._models.move_to_end(wm.version)
             self.current = wm.version
+            while len(self._models) > MAX_MODELS:
+                self._models.popitem(last=False)
 
     def get(self, version: str = "", task: str | None = None):
         """The model of ``version`` (empty = current), checked against ``task`` when given."""
         with self._lock:
             wm = self._models.get(version or self.current)
         if wm is None:
-            raise ServiceError("NOT_FOUND", f"unknown world-model version {version!r}; loaded: {sorted(self._models)}")
+            raise ServiceError("NOT_FOUND", f"unknown world-model version {version[:64]!r}; loaded: {sorted(self._models)}")
         if task is not None and wm.task.name != task:
             raise ServiceError("INVALID_ARGUMENT", f"world model {wm.version} is for task {wm.task.name!r}, "
                                f"not {task!r}; load a {task} model with LoadWorldModel")
         return wm
 
     def load(self, version: str = "", path: str = ""):
-        """Make a version (already loaded, or ``<world_model_dir>/<version>.*``) or a file the current model."""
-        if bool(version) == bool(path):
-            raise ServiceError("INVALID_ARGUMENT", "LoadWorldModel needs exactly one of version or path")
+        """Make a version (already loaded, or ``<world_model_dir>/<version>.pt``) the current model."""
         if path:
-            wm = self._read(path)
-        elif version in self._models:
-            wm = self._models[version]
-        else:
-            directory = Path(self.config.world_model_dir) if self.config.world_model_dir else None
-            found = sorted(directory.glob(f"{version}.*")) if directory and directory.is_dir() else []
-            if not found:
-                raise ServiceError("NOT_FOUND", f"world-model version {version!r} is neither loaded "
-                                   f"({sorted(self._models)}) nor in world_model_dir {directory}")
-            wm = self._read(found[0])
+            raise ServiceError("INVALID_ARGUMENT", "LoadWorldModel loads by version name from the server's model "
+                               "directory only; a path is not accepted")
+        if not version:
+            raise ServiceError("INVALID_ARGUMENT", "LoadWorldModel needs a version")
+        check_version(version)
+        with self._lock:
+            wm = self._models.get(version)
+        if wm is None:
+            wm = self._from_directory(version)
         self._add(wm)
         log.info("serving world model %s for new sessions", wm.version)
         return wm
+
+    def _from_directory(self, version: str):
+        missing = ServiceError("NOT_FOUND", f"world-model version {version!r} is neither loaded ({sorted(self._models)}) "
+                               "nor in the server's model directory")
+        if not self.config.world_model_dir:
+            raise missing
+        directory = Path(self.config.world_model_dir).resolve()
+        path = directory / f"{version}{SUFFIX}"
+        if path.parent != directory or not path.is_file():
+            raise missing
+        try:
+            from simulators.world_model import WorldModel
+
+            return WorldModel.load(path)
+        except Exception as exc:  # noqa: BLE001 - a damaged or mismatched checkpoint in the server's own directory
+            raise ServiceError("FAILED_PRECONDITION", f"world-model version {version!r} in the server's model "
+                               f"directory cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        """Close the RLPF checkers' engines."""
+        from services.engines import close_engine
+
+        with self._lock:
+            verifiers, self._verifiers = list(self._verifiers.values()), {}
+        for engine, _ in verifiers:
+            close_engine(engine)
 
     def verifier(self, task_name: str):
         """An engine for RLPF checks of ``task_name`` and the lock that serialises its use."""

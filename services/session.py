@@ -1,15 +1,17 @@
 """``SimSession``: one client's batch of corrected-simulator environments, graded and recorded.
 
-    session = open_session(config, models, SessionRequest(task="pendulum", num_envs=64), next_offset)
+    session = open_session(config, models, SessionRequest(task="pendulum", num_envs=64), next_offset, engines=pool)
     obs = session.restart(seed)                   # CorrectedSimulator.reset (re-seeded when a seed is given)
     result, grades = session.advance(actions)     # CorrectedSimulator.step + rewards.grade_step + record
     session.reset(seq, seed) / session.step(seq, actions_msg)   # the same, sequenced, as proto messages
+    session.close()                               # recordings written, the engine given back
 
 The server and ``LocalVectorEnv`` share this code. Calls of one session are serialised by its lock.
 Reset and Step carry a sequence number: the next number runs the call, a repeat of the last one is
 answered from the cache (a retried call never steps twice), anything else is out of order;
 ``seq == 0`` means untagged and always runs. Once the session's recorder failed to write a shard,
 Step and Reset answer FAILED_PRECONDITION with the path and the OS error: nothing is served unrecorded.
+A seed is an int or one int per env (the batch is then seeded from all of them, ``numpy.random.SeedSequence``).
 """
 
 from __future__ import annotations
@@ -68,13 +70,42 @@ def with_weights(config, weights: dict[str, float], horizon: int = 0):
     return dataclasses.replace(config, **changes)
 
 
+def observation_bounds(task, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One env's observation bounds: the task's ``observation_low``/``observation_high`` where it declares
+    them (``None`` or missing entries are unbounded), else -inf/+inf."""
+    bounds = []
+    for name, default in (("observation_low", -np.inf), ("observation_high", np.inf)):
+        value = getattr(task, name, None)
+        b = np.full(size, default, np.float32)
+        if value is not None:
+            given = np.asarray([default if v is None else v for v in value], np.float32).reshape(-1)
+            if given.shape != (size,):
+                raise ValueError(f"task {task.name}: {name} has {given.size} entries, expected {size}")
+            b = given
+        bounds.append(b)
+    return bounds[0], bounds[1]
+
+
+def seed_of(seed: int | list[int] | None, default: int):
+    """What ``CorrectedSimulator`` is seeded with: an int, or a ``SeedSequence`` of per-env seeds."""
+    if seed is None:
+        return int(default)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        return np.random.SeedSequence([int(s) for s in seed])
+    return int(seed)
+
+
 def open_session(config, models, request: SessionRequest, next_offset: Callable[[], int],
-                 incarnation: int = 0) -> SimSession:
+                 incarnation: int = 0, engines=None) -> SimSession:
     """Validate a ``SessionRequest`` against the server's limits and build its session.
 
     ``incarnation`` (the server's restart count) is part of the session id, so shard names of a
-    restarted server never collide with its dead incarnation's.
+    restarted server never collide with its dead incarnation's. The engine comes from ``engines``
+    (a ``services.engines.EnginePool``) and goes back to it when the session closes; without a pool
+    the session builds its own and closes it.
     """
+    from services.engines import close_engine
+    from services.limits import check_work
     from simulators import make_engine, make_task
     from simulators.corrected import CorrectedSimulator
 
@@ -87,34 +118,42 @@ def open_session(config, models, request: SessionRequest, next_offset: Callable[
     if not 0.0 <= request.fidelity <= 1.0:
         raise ServiceError("INVALID_ARGUMENT", f"fidelity must be in [0, 1], got {request.fidelity}")
     wm = models.get(request.world_model_version, task.name)
-    engine = make_engine(config.engine, task, dict(config.engine_params) or None)
     reward = with_weights(config.reward, dict(request.reward_weights), int(request.horizon))
+    check_work(config, "CreateSession (num_envs x horizon x state size)", n, int(reward.horizon), wm.state_size)
     mode, fidelity = request.mode or "blend", float(request.fidelity)
+    if engines is None:
+        engine, release = make_engine(config.engine, task, dict(config.engine_params) or None), close_engine
+    else:
+        engine, release = engines.acquire(task), engines.release
 
-    def make_sim(seed: int | None):
+    def make_sim(seed):
         return CorrectedSimulator(task, wm, engine, fidelity, mode=mode, horizon=int(reward.horizon),
-                                  seed=int(request.seed if seed is None else seed), num_envs=n,
-                                  episode_offset=next_offset())
+                                  seed=seed_of(seed, request.seed), num_envs=n, episode_offset=next_offset())
 
-    session_id = f"s{int(incarnation)}-{uuid.uuid4().hex[:12]}"
-    meta = {"task": task.name, "wm_version": wm.version, "fidelity": fidelity, "mode": mode, "engine": engine.name,
-            "engine_params": dict(config.engine_params), "lap": int(config.lap)}
-    recorder = Recorder(config.trajectory_dir, session_id, meta, config.flush_every, config.lap,
-                        config.flush_seconds)
-    spec = engine.spec
-    info = SessionInfo(session_id, task.name, n, np.full(spec.observation_size, -np.inf, np.float32),
-                       np.full(spec.observation_size, np.inf, np.float32), spec.action_low.astype(np.float32),
-                       spec.action_high.astype(np.float32), spec.state_size, task.episode_length, spec.control_dt,
-                       int(reward.horizon), {k: float(v) for k, v in dataclasses.asdict(reward.weights).items()},
-                       wm.version)
-    return SimSession(info, make_sim, engine, wm, reward, recorder, next_offset)
+    try:
+        session_id = f"s{int(incarnation)}-{uuid.uuid4().hex[:12]}"
+        meta = {"task": task.name, "wm_version": wm.version, "fidelity": fidelity, "mode": mode, "engine": engine.name,
+                "engine_params": dict(config.engine_params), "lap": int(config.lap)}
+        recorder = Recorder(config.trajectory_dir, session_id, meta, config.flush_every, config.lap,
+                            config.flush_seconds)
+        spec = engine.spec
+        low, high = observation_bounds(task, spec.observation_size)
+        info = SessionInfo(session_id, task.name, n, low, high, spec.action_low.astype(np.float32),
+                           spec.action_high.astype(np.float32), spec.state_size, task.episode_length, spec.control_dt,
+                           int(reward.horizon), {k: float(v) for k, v in dataclasses.asdict(reward.weights).items()},
+                           wm.version, float(config.session_idle_s))
+        return SimSession(info, make_sim, engine, wm, reward, recorder, next_offset, release)
+    except BaseException:
+        release(engine)
+        raise
 
 
 class SimSession:
     """A ``CorrectedSimulator`` batch behind the wire: validation, sequence numbers, grading, recording."""
 
-    def __init__(self, info: SessionInfo, make_sim: Callable[[int | None], object], engine, world_model,
-                 reward_config, recorder: Recorder, next_offset: Callable[[], int] | None = None):
+    def __init__(self, info: SessionInfo, make_sim: Callable[[object], object], engine, world_model,
+                 reward_config, recorder: Recorder, next_offset: Callable[[], int] | None = None,
+                 release: Callable[[object], None] | None = None):
         self.info, self.id, self.num_envs = info, info.session_id, info.num_envs
         self.next_offset = next_offset
         self.make_sim, self.engine, self.reward_config, self.recorder = make_sim, engine, reward_config, recorder
@@ -123,25 +162,37 @@ class SimSession:
         self.sim = make_sim(None)
         self.lock = threading.Lock()
         self.closed = False
+        self._release = release
         self._seq, self._cached, self._cached_key, self._started = 0, None, b"", False
 
     # -- in-process ----------------------------------------------------------------------------
-    def restart(self, seed: int | None = None) -> np.ndarray:
-        """Reset every env (a fresh simulator seeded with ``seed`` when given); observations ``[B, O]``.
+    def restart(self, seed: int | list[int] | None = None) -> np.ndarray:
+        """Reset every env (a fresh simulator seeded with ``seed`` when given: an int or one per env);
+        observations ``[B, O]``.
 
         Episodes cut short by a reset are recorded as unfinished; new episodes get ids never used before.
         """
+        if self.closed:
+            raise ServiceError("NOT_FOUND", f"session {self.id} is closed")
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            seed = check_seeds(seed, self.num_envs)
         if self._started:
             self.recorder.abandon()
         if seed is not None:
-            self.sim = self.make_sim(int(seed))
+            self.sim = self.make_sim(seed)
         elif self._started and self.next_offset is not None:
             self.sim.episode_offset = self.next_offset()
         self._started = True
         return np.asarray(self.sim.reset())
 
+    def start_ids(self) -> np.ndarray:
+        """``[B]`` the episodes the last reset started (``CorrectedSimulator.reset``: ``episode_offset + arange(B)``)."""
+        return self.sim.episode_offset + np.arange(self.num_envs, dtype=np.int64)
+
     def advance(self, actions: np.ndarray, hold: np.ndarray | None = None):
         """Step (envs in ``hold`` stay put), grade and record the batch; returns ``(StepResult, grades)``."""
+        if self.closed:
+            raise ServiceError("NOT_FOUND", f"session {self.id} is closed")
         if not self._started:
             raise ServiceError("FAILED_PRECONDITION", f"session {self.id}: call Reset before Step")
         self.recorder.check()
@@ -177,10 +228,11 @@ class SimSession:
             raise ServiceError("FAILED_PRECONDITION", f"session {self.id} stopped serving: {self.recorder.error}; "
                                "the trajectory directory must be writable")
 
-    def reset(self, seq: int, seed: int | None) -> pb.ResetResponse:
+    def reset(self, seq: int, seed: int | list[int] | None) -> pb.ResetResponse:
         def run():
             obs = self.restart(seed)
-            return pb.ResetResponse(seq=seq, observations=encode(obs, "float32"), wm_version=self.wm_version)
+            return pb.ResetResponse(seq=seq, observations=encode(obs, "float32"),
+                                    episode_ids=encode(self.start_ids(), "int64"), wm_version=self.wm_version)
 
         return self._sequenced(seq, f"reset:{seed}".encode(), run)
 
@@ -204,7 +256,26 @@ class SimSession:
         return self._sequenced(seq, key, run)
 
     def close(self) -> str | None:
-        """Mark closed and write what the recorder holds; returns the last shard written (if any)."""
+        """Mark closed, write what the recorder holds and give the engine back; returns the last shard written."""
         with self.lock:
-            self.closed = True
-        return self.recorder.close()
+            already, self.closed = self.closed, True
+        if already:
+            return None
+        try:
+            return self.recorder.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release(self.engine)
+
+
+def check_seeds(seeds, num_envs: int) -> list[int]:
+    """Per-env seeds: exactly ``num_envs`` integers in [0, 2**63)."""
+    values = list(seeds)
+    if len(values) != num_envs:
+        raise ServiceError("INVALID_ARGUMENT", f"{len(values)} seeds for {num_envs} envs; give one seed per env "
+                           "or a single seed")
+    bad = [v for v in values if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2**63]
+    if bad:
+        raise ServiceError("INVALID_ARGUMENT", f"seeds must be integers in [0, 2**63), got {bad[:5]}")
+    return [int(v) for v in values]

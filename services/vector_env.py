@@ -18,6 +18,10 @@ already reset it to a fresh initial state, so on the following call the env is s
 (``hold``): it ignores the given action, does not move, and returns that initial state's
 observation with reward 0 and no termination, exactly as gymnasium's next-step autoreset does.
 
+``reset(seed=...)`` takes an int (the whole batch) or one seed per env; ``options={"reset_mask": m}``
+is accepted when every env is reset (an all-True mask) and refused otherwise, as these envs reset
+themselves (next-step autoreset). ``reset`` returns ``info["episode_id"]``. A closed env raises.
+
 A server that restarts (a killed Ray server actor comes back at the same address) is survived:
 calls wait for it (``SimulatorClient`` retries UNAVAILABLE), and when it no longer knows the
 session, ``RemoteVectorEnv`` re-creates the session with the same settings and ends every running
@@ -35,6 +39,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from services.auth import ClientCredentials
 from services.client import NotFound, SessionInfo, SimulatorClient, StepReply, Unavailable
 
 TERMS = ("task", "imagination", "physics")
@@ -66,21 +71,55 @@ class SimulatorVectorEnv(VectorEnv):
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
         raise NotImplementedError
 
+    def _episode_ids(self) -> np.ndarray | None:
+        """``[B]`` the episodes the last reset started (None when the backend does not say)."""
+        return None
+
     # -- gymnasium -----------------------------------------------------------------------------
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
-        if isinstance(seed, (list, tuple)):
-            if len(set(seed)) > 1:
-                raise ValueError(f"one seed seeds the whole batch; got a list of {len(seed)} different seeds")
-            seed = seed[0] if seed else None
-        if seed is not None and not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        super().reset(seed=None if seed is None else int(seed))
-        obs = self._reset(None if seed is None else int(seed))
+        self._check_open()
+        seed = self._seed(seed)
+        self._check_options(options)
+        super().reset(seed=seed if isinstance(seed, int) else None)
+        obs = self._reset(seed)
         self._pending[:] = False
         self._needs_reset = False
-        return np.asarray(obs, dtype=np.float32), {}
+        ids = self._episode_ids()
+        info = {} if ids is None else {"episode_id": ids, "_episode_id": np.ones(self.num_envs, bool)}
+        return np.asarray(obs, dtype=np.float32), info
+
+    def _seed(self, seed) -> int | list[int] | None:
+        """None, an int for the batch, or one int per env (a list of equal seeds is that int)."""
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"a list of seeds needs one per env: got {len(seeds)} for {self.num_envs} envs")
+            if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in seeds):
+                raise ValueError(f"seeds must be non-negative ints, got {seeds[:5]}")
+            return int(seeds[0]) if len(set(seeds)) == 1 else [int(s) for s in seeds]
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, a list of one int per env, or None; got {seed!r}")
+        return None if seed is None else int(seed)
+
+    def _check_options(self, options: dict[str, Any] | None) -> None:
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.dtype != bool or m.shape != (self.num_envs,):
+                raise ValueError(f"reset_mask must be a bool array of shape ({self.num_envs},), got {m.dtype} {m.shape}")
+            if not m.all():
+                raise ValueError("reset_mask resetting only some envs is not supported: these envs reset themselves "
+                                 "when their episode ends (next-step autoreset); reset() resets all of them")
+        if options:
+            raise ValueError(f"unknown reset option(s) {sorted(options)}; allowed: reset_mask (all True)")
+
+    def _check_open(self) -> None:
+        if getattr(self, "closed", False):
+            raise RuntimeError(f"{type(self).__name__} is closed; create a new env")
 
     def step(self, actions):
+        self._check_open()
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
         a = np.asarray(actions, dtype=np.float32)
@@ -108,13 +147,20 @@ class SimulatorVectorEnv(VectorEnv):
 
 
 class RemoteVectorEnv(SimulatorVectorEnv):
-    """A ``VectorEnv`` over one session of a simulator server (numpy, gymnasium and grpc only)."""
+    """A ``VectorEnv`` over one session of a simulator server (numpy, gymnasium and grpc only).
+
+    ``timeout`` bounds every call, connecting included. ``token``/``token_file`` and ``tls_root_cert``
+    (or ``credentials``) are what a secured server wants; left out, they come from ``$FLYWHEEL_TOKEN``,
+    ``$FLYWHEEL_TOKEN_FILE`` and ``$FLYWHEEL_TLS_ROOT_CERT`` (``services.auth.ClientCredentials.from_env``).
+    """
 
     def __init__(self, address: str, task: str, num_envs: int, fidelity: float = 1.0, mode: str = "blend",
                  seed: int = 0, reward_weights: dict[str, float] | None = None, horizon: int = 0,
                  world_model_version: str = "", streaming: bool = False, timeout: float = 60.0,
-                 max_message_mb: int = 256):
-        self.client = SimulatorClient(address, timeout=timeout, max_message_mb=max_message_mb)
+                 max_message_mb: int = 256, token: str | None = None, token_file: str | None = None,
+                 tls_root_cert: str | None = None, credentials: ClientCredentials | None = None):
+        self.client = SimulatorClient(address, timeout=timeout, max_message_mb=max_message_mb, token=token,
+                                      token_file=token_file, tls_root_cert=tls_root_cert, credentials=credentials)
         try:
             self.session = self.client.create_session(task, num_envs, fidelity=fidelity, mode=mode, seed=seed,
                                                       world_model_version=world_model_version,
@@ -131,7 +177,10 @@ class RemoteVectorEnv(SimulatorVectorEnv):
     def sessions_recreated(self) -> int:
         return self.session.recreated
 
-    def _reset(self, seed: int | None) -> np.ndarray:
+    def _episode_ids(self) -> np.ndarray | None:
+        return self.session.episode_ids
+
+    def _reset(self, seed: int | list[int] | None) -> np.ndarray:
         try:
             obs = self.session.reset(seed)
         except NotFound:

@@ -100,7 +100,7 @@ def test_bad_inputs_get_status_and_message(served):
             client.call("Step", pb.StepRequest(session_id="s-nope", actions=encode(np.zeros((B, 1)))))
         with pytest.raises(ResourceExhausted, match="num_envs 65 is over the server's max_batch 64"):
             client.create_session(TASK, 65)
-        with pytest.raises(ResourceExhausted, match="Imagine batch of 65 is over the server's max_batch 64"):
+        with pytest.raises(ResourceExhausted, match="Imagine: batch B=65 is over the server's max_batch 64"):
             client.imagine(np.zeros((65, 2)), np.zeros((65, 3, 1)))
         with pytest.raises(InvalidArgument, match="fidelity must be in"):
             client.create_session(TASK, B, fidelity=1.5)
@@ -115,7 +115,7 @@ def test_bad_inputs_get_status_and_message(served):
         # the session survives all of that and still steps
         assert session.step(actions_for(0)).observations.shape == (B, 3)
         session.close()
-        with pytest.raises(NotFound, match="unknown session"):
+        with pytest.raises(NotFound, match="is closed; create a new one"):
             session.step(actions_for(1))
 
 
@@ -199,7 +199,7 @@ def test_imagine_and_verify(served):
     assert fake["violates"].all() and (fake["reward"] < real["reward"]).all()
 
 
-def test_load_world_model_changes_new_sessions_version(tmp_path, served):
+def test_load_world_model_changes_new_sessions_version(served):
     with SimulatorClient(served["address"]) as client:
         before = client.create_session(TASK, 2)
         assert client.load_world_model(version=served["other"]) == served["other"]
@@ -209,8 +209,8 @@ def test_load_world_model_changes_new_sessions_version(tmp_path, served):
         assert client.call("Step", pb.StepRequest(session_id=before.id, actions=encode(np.zeros((2, 1))))
                            ).wm_version == before.info.wm_version
         third = tiny_wm(seed=2)
-        third.save(tmp_path / "third.pt")
-        assert client.load_world_model(path=str(tmp_path / "third.pt")) == third.version
+        third.save(served["root"] / "models" / f"{third.version}.pt")     # a new version lands in the model directory
+        assert client.load_world_model(third.version) == third.version
         assert client.create_session(TASK, 2).info.wm_version == third.version
         with pytest.raises(NotFound, match="world-model version 'wm-absent' is neither loaded"):
             client.load_world_model(version="wm-absent")

@@ -123,7 +123,8 @@ def test_composes_with_gymnasium_wrappers_and_make_vec(setup):
     env = gym.make_vec("FlywheelRemote-v0", num_envs=2, vectorization_mode="vector_entry_point")
     env = DictInfoToList(RecordEpisodeStatistics(NormalizeObservation(env)))
     obs, infos = env.reset(seed=0)
-    assert obs.shape == (2, 3) and infos == [{}, {}]
+    assert obs.shape == (2, 3) and [set(i) for i in infos] == [{"episode_id"}, {"episode_id"}]
+    assert infos[0]["episode_id"] != infos[1]["episode_id"]
     for _ in range(T + 1):
         _obs, _reward, _terminated, _truncated, infos = env.step(env.action_space.sample())
     assert "episode" not in infos[0] and "reward/task" not in infos[0]  # the reset step carries no terms
