@@ -45,6 +45,11 @@ class TaskRegistry:
             raise ValueError(f"task target {target!r} for {name!r} is not of the form 'package.module:ClassName'")
         self._entries[name] = target
 
+    def remove(self, name: str) -> None:
+        if name in _BUILTIN:
+            raise ValueError(f"task {name!r} is built in and cannot be removed")
+        self._entries.pop(name, None)
+
     def target(self, name: str) -> str:
         if name not in self._entries:
             raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(self._entries))}")
@@ -98,6 +103,17 @@ def register_task(name: str, target: str, export: bool = True) -> None:
         os.environ[ENV_VAR] = ",".join(f"{k}={v}" for k, v in entries.items())
 
 
+def unregister_task(name: str) -> None:
+    """Remove a task registered at run time (here and from ``FLYWHEEL_TASKS``)."""
+    TASKS.remove(name)
+    entries = _from_env(os.environ.get(ENV_VAR))
+    entries.pop(name, None)
+    if entries:
+        os.environ[ENV_VAR] = ",".join(f"{k}={v}" for k, v in entries.items())
+    else:
+        os.environ.pop(ENV_VAR, None)
+
+
 def make_task(task: str | Task) -> Task:
     """Build a task by name (or pass a Task through); an unknown name lists the valid ones."""
     if isinstance(task, Task):
@@ -131,4 +147,4 @@ def check_task(task: Task, registered: str | None = None) -> Task:
 
 
 __all__ = ["ENV_VAR", "PARAM_NAMES", "TASKS", "Task", "TaskRegistry", "check_task", "make_task", "register_task", "tolerance",
-           "wrap_angle"]
+           "unregister_task", "wrap_angle"]
