@@ -8,7 +8,8 @@
     table.close(session_id)               # idempotent: a repeat gets the first answer
     table.start_reaper(); table.stop()    # the reaper closes sessions idle for longer than idle_s
 
-The answers of closed sessions are kept for the last ``kept`` of them only.
+A session nobody has called since it was created (its creator may never have seen the answer) is
+closed after ``min(idle_s, CLAIM_S)``. The answers of closed sessions are kept for the last ``kept`` only.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from dataclasses import dataclass, field
 
 from services.session import ServiceError
 
+CLAIM_S = 30.0      # the lease of a session not yet called after its creation
+
 
 @dataclass
 class _Lease:
     session: object
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
+    claimed: bool = False
 
 
 class Leases:
@@ -79,6 +83,7 @@ class Leases:
             if lease is None:
                 raise self._not_found(session_id)
             lease.busy += 1
+            lease.claimed = True
             lease.last_used = time.monotonic()
         try:
             yield lease.session
@@ -125,10 +130,12 @@ class Leases:
         return answer
 
     def reap(self) -> int:
-        """Close every session idle for longer than ``idle_s`` and not in a call; returns how many."""
+        """Close every session idle for longer than its lease and not in a call; returns how many."""
         now = time.monotonic()
         with self._lock:
-            stale = [sid for sid, lease in self._open.items() if not lease.busy and now - lease.last_used > self.idle_s]
+            unclaimed = min(self.idle_s, CLAIM_S)
+            stale = [sid for sid, lease in self._open.items() if not lease.busy and
+                     now - lease.last_used > (self.idle_s if lease.claimed else unclaimed)]
             leases = [self._open.pop(sid) for sid in stale]
         for lease in leases:
             self._finish(lease.session, "expired")

@@ -1,10 +1,11 @@
 """``SimulatorService``: the ``flywheel.simulator.v1.Simulator`` servicer behind ``services.server``.
 
-Sessions are leases (``services.leases``): a CreateSession whose caller has gone creates nothing,
-a session left without a call for ``session_idle_s`` is closed, and admission is counted under a
-lock. Every request's work is bounded (``services.limits``) and long work stops when its caller has
-gone. Engines follow sessions (``services.engines``). Bad input is answered with a status code and
-a message naming what was wrong and what was expected; other sessions keep running.
+Sessions are leases (``services.leases``): a CreateSession whose caller has gone, or whose answer
+could not reach it before its deadline (less than ``CREATE_MARGIN_S`` left), creates nothing; a
+session left without a call for ``session_idle_s`` is closed, and admission is counted under a lock.
+Every request's work is bounded (``services.limits``) and long work stops when its caller has gone.
+Engines follow sessions (``services.engines``). Bad input is answered with a status code and a
+message naming what was wrong and what was expected; other sessions keep running.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 EPISODE_BLOCK = 2**32   # episode ids per simulator instance: sessions never share one
 SESSIONS_PER_INCARNATION = 2**16   # episode-id blocks per server incarnation; a restart takes the next range
 TOTALS = ("transitions_served", "transitions_stored", "episodes_stored", "shards")
+CREATE_MARGIN_S = 0.05   # time a CreateSession answer needs to reach its caller
 
 
 def _rpc(method):
@@ -104,11 +106,12 @@ class SimulatorService(pb_grpc.SimulatorServicer):
                              request.world_model_version, dict(request.reward_weights), request.horizon)
         with self.leases.reserve():
             session = self._open(req)
-            if not context.is_active():        # the caller is gone: it would never use nor close the session
+            gone = _caller_gone(context)
+            if gone:                            # the caller would never use nor close the session
                 session.close()
                 self.leases.rolled_back()
-                raise ServiceError("CANCELLED", "CreateSession: the caller went away before the session was ready; "
-                                   "nothing was created")
+                raise ServiceError(gone, "CreateSession: the caller's deadline passed or nearly passed before the "
+                                   "session was ready; nothing was created (allow the call more time)")
             self.leases.add(session)
         i = session.info
         return pb.CreateSessionResponse(
@@ -243,6 +246,14 @@ class SimulatorService(pb_grpc.SimulatorServicer):
     def LoadWorldModel(self, request, context):
         wm = self.models.load(request.version, request.path)
         return pb.LoadWorldModelResponse(wm_version=wm.version, task=wm.task.name)
+
+
+def _caller_gone(context) -> str:
+    """``"CANCELLED"`` when the caller left, ``"DEADLINE_EXCEEDED"`` when an answer would arrive too late, else ``""``."""
+    if not context.is_active():
+        return "CANCELLED"
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining < CREATE_MARGIN_S else ""
 
 
 def _leading(states: pb.Tensor, actions: pb.Tensor) -> tuple[int, int]:
