@@ -7,7 +7,7 @@ same engine and the same transitions:
 - ``physics``: ``physics_violation`` (engine step, constraints, residual, kinematics);
 - ``grade``: ``imagination_accuracy`` + ``physics_violation`` + ``composite``, everything a step pays.
 
-Usage: ``python benchmarks/grading.py [--engine mujoco] [--tasks pendulum cartpole] [--batches 16 64 256]``
+Usage: ``python benchmarks/grading.py [--engine mujoco] [--tasks pendulum lift] [--batches 16 64 256]``
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def measure(engine, n_windows: int, cfg: rewards.RewardConfig, repeats: int) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", default="mujoco", choices=simulators.ENGINES)
-    p.add_argument("--tasks", nargs="+", default=["pendulum", "cartpole", "reacher"])
+    p.add_argument("--tasks", nargs="+", default=list(simulators.TASKS))
     p.add_argument("--batches", nargs="+", type=int, default=[16, 64, 256, 1024])
     p.add_argument("--horizon", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import simulators
-from simulators.physics import auto_backend
+from simulators.physics import UnsupportedTask, auto_backend
 
 
 def best_time(fn, repeats: int, budget_s: float = 2.0) -> float:
@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> None:
             bare = bare_loop_rate(task, batch)
             results = {}
             for name in args.engines:
-                eng = simulators.make_engine(name, task)
+                try:
+                    eng = simulators.make_engine(name, task)
+                except UnsupportedTask as exc:
+                    print(f"  {task_name:9s} batch {batch:5d} {name:7s} refused: {exc}", flush=True)
+                    continue
                 results[name] = engine_rates(eng, batch)
                 print(f"  {task_name:9s} batch {batch:5d} {name:7s} {results[name][1]:12,.0f} steps/s", flush=True)
             fastest = max(results, key=lambda k: results[k][1])

@@ -39,15 +39,14 @@ class JaxEngine(EngineBase):
     def bare_step(self, state, ctrl):
         """The engine call alone: the jitted ``vmap`` of the backend's step over ``n_substeps``."""
         with self.precision():
-            return type(self)._jit_step(self.jax_model, state, ctrl, self.task.n_substeps)
+            return type(self)._jit_step(self.jax_model, state, jnp.asarray(ctrl, dtype=self.dtype), self.task.n_substeps)
 
     def reset(self, key: Any, n: int):
         return self.from_vector(self.initial_vectors(key, n))
 
     def step(self, state, action: np.ndarray):
         a = self.check_actions(action, getattr(state, self.pos_field).shape[0])
-        with self.precision():
-            return self.bare_step(state, jnp.asarray(a, dtype=self.dtype))
+        return self.bare_step(state, a)
 
     def to_vector(self, state) -> np.ndarray:
         q, v = getattr(state, self.pos_field), getattr(state, self.vel_field)
