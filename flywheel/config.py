@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from flywheel.layers import FOLLOWS, PER_LAP, Composed, ConfigError, compose, leaf_keys
 from flywheel.sections import PPOConfig, RewardConfig, ServerConfig, WorldModelConfig
+from policies.planner import PlannerConfig
 from simulators.dataset import atomic_write
 from simulators.physics import ENGINES
 from simulators.tasks import PARAM_NAMES, TASKS, make_task
@@ -28,6 +29,7 @@ from simulators.tasks.base import PARAM_MAX
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SIM_MODES = ("blend", "reground")
+AGENT_KINDS = ("ppo", "planner")
 # Keys that do not change what a run computes: excluded from the resume hash.
 _HASH_EXCLUDED = ("run_dir", "runs_root", "laps", "preset", "tracking", "ray")
 
@@ -102,6 +104,13 @@ class GuardSection:
 
 
 @dataclass
+class AgentSection(PlannerConfig):
+    """The agent in the served simulator: PPO (the ``ppo`` section) or the planner (``policies.planner``'s fields)."""
+
+    kind: str = "ppo"               # ppo | planner
+
+
+@dataclass
 class RaySection:
     address: str | None = None   # None: a local ray.init() on this machine's cores
     num_cpus: int | None = None
@@ -133,6 +142,7 @@ class FlywheelConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     selection: SelectionSection = field(default_factory=SelectionSection)
     guard: GuardSection = field(default_factory=GuardSection)
+    agent: AgentSection = field(default_factory=AgentSection)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     service: ServerConfig = field(default_factory=ServerConfig)
     ray: RaySection = field(default_factory=RaySection)
@@ -259,6 +269,7 @@ def validate(cfg: FlywheelConfig) -> None:
         cfg.ppo.validate()
     except ValueError as exc:
         raise ConfigError(f"invalid config section 'ppo': {exc}") from None
+    _check_agent(cfg)
     if not cfg.tracking.experiment:
         raise ConfigError("config key 'tracking.experiment' is empty; allowed: a non-empty experiment name")
     _check_combinations(cfg)
@@ -267,13 +278,15 @@ def validate(cfg: FlywheelConfig) -> None:
 def _check_combinations(cfg: FlywheelConfig) -> None:
     """Options that are each in range but cannot work together."""
     envs, servers = cfg.simulator.num_envs, cfg.self_play.num_servers
-    workers = max(1, cfg.ppo.num_env_runners)
+    workers, who = max(1, cfg.ppo.num_env_runners), "max(1, ppo.num_env_runners)"
+    if cfg.agent.kind == "planner":
+        workers, who = cfg.agent.num_workers, "agent.num_workers"
     if cfg.service.max_batch < envs:
         raise ConfigError(f"config key 'service.max_batch' ({cfg.service.max_batch}) is below 'simulator.num_envs' "
                           f"({envs}), the envs of each policy worker's session; allowed: service.max_batch >= {envs}")
     if servers > workers:
         raise ConfigError(f"config key 'self_play.num_servers' ({servers}) is above the policy workers that use them "
-                          f"(max(1, ppo.num_env_runners) = {workers}); allowed: at most {workers}")
+                          f"({who} = {workers}); allowed: at most {workers}")
     sessions = -(-workers // servers)
     if cfg.service.max_sessions < sessions:
         raise ConfigError(f"config key 'service.max_sessions' ({cfg.service.max_sessions}) is below the sessions each "
@@ -286,6 +299,31 @@ def _check_combinations(cfg: FlywheelConfig) -> None:
     if cfg.simulator.horizon > length:
         raise ConfigError(f"config key 'simulator.horizon' ({cfg.simulator.horizon}) is longer than a {cfg.task} episode "
                           f"({length} steps): no imagination window would close; allowed: 1 to {length}")
+
+
+def _check_agent(cfg: FlywheelConfig) -> None:
+    """``agent.kind`` and, for the planner, its settings, its horizon against the window and the task it needs."""
+    _check_choice("agent.kind", cfg.agent.kind, AGENT_KINDS)
+    try:
+        PlannerConfig.from_object(cfg.agent).validate()
+    except ValueError as exc:
+        raise ConfigError(f"invalid config section 'agent': {str(exc).replace('PlannerConfig.', 'agent.')}") from None
+    if cfg.agent.kind != "planner":
+        return
+    if cfg.agent.replan == "window" and cfg.agent.horizon < cfg.simulator.horizon:
+        raise ConfigError(f"config key 'agent.horizon' ({cfg.agent.horizon}) is shorter than the imagination window "
+                          f"'simulator.horizon' ({cfg.simulator.horizon}) the planner commits to (agent.replan=window); "
+                          f"allowed: agent.horizon >= {cfg.simulator.horizon}, or agent.replan=step")
+    if cfg.agent.warm_start and not Path(cfg.agent.warm_start).is_file():
+        raise ConfigError(f"config key 'agent.warm_start' ({cfg.agent.warm_start!r}) is not a file; allowed: \"\" "
+                          "(no warm start) or a PPO policy file such as runs/<run>/checkpoints/policy_lap003.pt")
+    from policies.planner import ObservationInverse
+
+    try:
+        ObservationInverse.for_task(make_task(cfg.task))
+    except ValueError as exc:
+        raise ConfigError(f"config key 'agent.kind' is 'planner', which cannot plan task {cfg.task!r}: {exc}; "
+                          f"allowed: agent.kind=ppo for this task") from None
 
 
 # -- saving and fingerprinting -----------------------------------------------------------------

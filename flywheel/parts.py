@@ -1,4 +1,4 @@
-"""The real parts of a lap: Ray, simulator-server actors, RLlib PPO, the torch world model, reality.
+"""The real parts of a lap: Ray, simulator-server actors, the agent (RLlib PPO or the planner), the torch world model, reality.
 
 ``real_parts()`` is what ``flywheel run`` uses; tests hand ``Orchestrator`` a ``LapParts`` of their own
 (fakes for speed, or these real ones).
@@ -65,6 +65,23 @@ def rllib_trainer(ctx: LapContext, addresses: list[str]):
     return PolicyTrainer(replace(cfg.ppo, seed=cfg.seed), env)
 
 
+def planner_trainer(ctx: LapContext, addresses: list[str]):
+    """The planning agent (``agent.kind=planner``): Ray workers planning with the world model the servers serve."""
+    from policies.config import EnvConfig
+    from policies.planner import PlannerConfig
+    from policies.planner_agent import PlannerTrainer
+
+    cfg = ctx.cfg
+    env = EnvConfig(task=cfg.task, addresses=list(addresses), fidelity=cfg.simulator.fidelity, mode=cfg.simulator.mode,
+                    horizon=cfg.simulator.horizon, reward_weights=vars(cfg.rewards.weights), seed=cfg.seed + ctx.lap)
+    return PlannerTrainer(PlannerConfig.from_object(cfg.agent), env, cfg.simulator.num_envs, ctx.wm_path(ctx.lap - 1))
+
+
+def agent_trainer(ctx: LapContext, addresses: list[str]):
+    """The trainer of the configured agent: ``agent.kind`` ppo (RLlib PPO) or planner."""
+    return (planner_trainer if ctx.cfg.agent.kind == "planner" else rllib_trainer)(ctx, addresses)
+
+
 def fit_world_model(ctx: LapContext, data, init: Path | None):
     """A world model fitted on ``data``: new (``init=None``) or warm-started from checkpoint ``init``.
 
@@ -128,7 +145,7 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
     """Capability in reality: the policy's success and return; the world model's errors on reality data."""
     import rewards
     from policies.evaluate import evaluate as evaluate_policy
-    from policies.torch_policy import TorchPolicy
+    from policies.loading import load_policy
     from simulators.dataset import SOURCE_REALITY
     from simulators.physics import make_engine
     from simulators.reality import episodes_to_dataset
@@ -136,7 +153,7 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
 
     cfg, H = ctx.cfg, ctx.cfg.simulator.horizon
     reality = ctx.reality()
-    policy = TorchPolicy.load(str(ctx.policy_path(ctx.lap)))
+    policy = load_policy(ctx.policy_path(ctx.lap))
     wm = WorldModel.load(ctx.wm_path(ctx.lap), task=cfg.task)
     eval_seed = cfg.seed + 1_000_003             # the same reality episodes every lap
     ev = evaluate_policy(policy, reality, episodes=cfg.reality.eval_episodes, seed=eval_seed)
@@ -172,6 +189,6 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
 
 
 def real_parts() -> LapParts:
-    """Ray actors, RLlib PPO, the torch world model and reality."""
-    return LapParts(start=init_ray, serve=ray_servers, trainer=rllib_trainer, fit_world_model=fit_world_model,
+    """Ray actors, the configured agent (RLlib PPO or the planner), the torch world model and reality."""
+    return LapParts(start=init_ray, serve=ray_servers, trainer=agent_trainer, fit_world_model=fit_world_model,
                     evaluate=evaluate_in_reality)

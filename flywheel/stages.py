@@ -112,11 +112,11 @@ REALITY_OFFSET = 500_000           # per-lap reality episodes: lap * 1e6 + this 
 
 def reality(ctx: LapContext) -> dict:
     """Spend the lap's reality budget with the lap's policy; the transitions train the world model too."""
-    from policies.torch_policy import TorchPolicy
+    from policies.loading import load_policy
     from simulators.reality import EPISODE_ID_STRIDE
 
     cfg = ctx.cfg
-    policy = TorchPolicy.load(str(ctx.policy_path(ctx.lap)))
+    policy = load_policy(ctx.policy_path(ctx.lap))
     data = ctx.reality().collect(policy, n_steps=cfg.reality.steps_per_lap, n_envs=cfg.reality.seed_envs,
                                  seed=cfg.seed + 7919 * (ctx.lap + 1), lap=ctx.lap,
                                  episode_offset=ctx.lap * EPISODE_ID_STRIDE + REALITY_OFFSET)

@@ -43,7 +43,7 @@ class PlannerConfig:
     replan: str = "window"           # window: commit to each imagination window's plan; step: replan every step
     warm_start: str = ""             # a TorchPolicy file (a PPO run's policy_lapNNN.pt) to plan around; "" = none
     num_workers: int = 1             # Ray workers, each stepping one session of the served simulator
-    seed: int = 0
+    torch_threads: int = 1           # torch CPU threads while planning (small batches: 1 is fastest); 0 = torch's own
 
     def validate(self) -> PlannerConfig:
         """Raise ``ValueError`` naming the first bad field and what is allowed."""
@@ -54,6 +54,9 @@ class PlannerConfig:
         for name in ("horizon", "candidates", "iterations", "elites", "num_workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PlannerConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if int(self.torch_threads) < 0:
+            raise ValueError(f"PlannerConfig.torch_threads must be >= 0 (0 = torch's own setting), "
+                             f"got {self.torch_threads!r}")
         if self.elites > self.candidates:
             raise ValueError(f"PlannerConfig.elites ({self.elites}) must be <= candidates ({self.candidates})")
         for name, lo, hi in (("init_std", 0.0, 2.0), ("min_std", 0.0, 2.0), ("momentum", 0.0, 0.99),
@@ -117,6 +120,11 @@ class ObservationInverse:
         self.state_size = int(state_size)
         self.angle_dims = np.array([j for j, *_ in self.angles], dtype=np.int64)
 
+    @classmethod
+    def for_task(cls, task) -> ObservationInverse:
+        """The inverse for ``task``'s state vectors (their size taken from its initial states)."""
+        return cls(task, task.initial_states(np.random.default_rng(0), 1).shape[1])
+
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float64)
         s = np.empty((len(obs), self.state_size))
@@ -138,7 +146,7 @@ class Planner:
     """CEM or MPPI in the normalised action space [-1, 1], batched over envs and candidates."""
 
     def __init__(self, world_model, config: PlannerConfig, action_low, action_high,
-                 warm_policy: Callable | None = None):
+                 warm_policy: Callable | None = None, seed: int = 0):
         self.wm, self.cfg = world_model, config.validate()
         self.task = world_model.task
         self.low = np.asarray(action_low, np.float64).ravel()
@@ -149,7 +157,7 @@ class Planner:
         self.mid, self.half = (self.high + self.low) / 2, (self.high - self.low) / 2
         self.warm_policy = warm_policy
         self.scale = torch.as_tensor(np.asarray(world_model.state_scale, np.float64))
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = np.random.default_rng(seed)
 
     def to_actions(self, u: np.ndarray) -> np.ndarray:
         return self.mid + np.clip(u, -1.0, 1.0) * self.half
@@ -187,6 +195,12 @@ class Planner:
     # -- search --------------------------------------------------------------------------------
     def plan(self, states: np.ndarray, init: np.ndarray | None = None) -> Plan:
         """The best sequence found for each start state; ``init`` is a normalised initial mean ``[B, H, A]``."""
+        from simulators.world_model.model import torch_threads
+
+        with torch_threads(int(self.cfg.torch_threads)):
+            return self._plan(states, init)
+
+    def _plan(self, states: np.ndarray, init: np.ndarray | None) -> Plan:
         cfg, states = self.cfg, np.asarray(states, np.float64)
         B, H, A = len(states), cfg.horizon, len(self.low)
         mean = np.zeros((B, H, A)) if init is None else np.array(init, np.float64).reshape(B, H, A)

@@ -36,7 +36,7 @@ from policies.planner import PlannerConfig
 from policies.planner_policy import PlannerPolicy, from_parts, warm_policy_spec
 
 PLANNER_FILE = "planner.pt"
-_NOT_SETTINGS = ("num_workers", "seed")       # how many run it and their noise: not what the planner is
+_NOT_SETTINGS = ("num_workers", "torch_threads")   # how it is run, not what the planner is
 
 
 def planner_digest(config: PlannerConfig, world_model_bytes: bytes, warm: dict | None, window: int) -> str:
@@ -59,9 +59,9 @@ class PlannerWorker:
         self.index, self.env_config = int(index), EnvConfig(**env)
         self.env = _open_env(self.env_config, int(num_envs), self.index)
         info = self.env.session_info
-        cfg = PlannerConfig.from_object({**config, "seed": int(config["seed"]) + 7919 * self.index})
+        cfg = PlannerConfig.from_object(config)
         self.policy = from_parts(world_model_bytes, cfg, info.action_low, info.action_high, info.horizon,
-                                 info.episode_length, warm, keep_windows)
+                                 info.episode_length, warm, keep_windows, seed=self.env_config.seed + 7919 * self.index)
         if info.wm_version != self.policy.planner.wm.version:
             self.env.close()
             raise ValueError(f"planner worker {index}: the server at {self.env.client.address} serves world model "

@@ -223,8 +223,8 @@ def warm_policy_spec(path: str) -> dict | None:
 
 
 def from_parts(world_model_bytes: bytes, config: PlannerConfig, action_low, action_high, window: int,
-               episode_length: int, warm: dict | None = None, keep_windows: int = 0) -> PlannerPolicy:
-    """A ``PlannerPolicy`` from the world model's checkpoint bytes, settings and bounds."""
+               episode_length: int, warm: dict | None = None, keep_windows: int = 0, seed: int = 0) -> PlannerPolicy:
+    """A ``PlannerPolicy`` from the world model's checkpoint bytes, settings and bounds (``seed``: its sampling)."""
     wm = load_world_model(world_model_bytes)
-    planner = Planner(wm, config, action_low, action_high, warm_policy_from(warm))
+    planner = Planner(wm, config, action_low, action_high, warm_policy_from(warm), seed)
     return PlannerPolicy(planner, window, episode_length, keep_windows, world_model_bytes)
