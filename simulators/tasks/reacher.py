@@ -46,6 +46,8 @@ XML = """
 
 UPPER, LOWER = 0.12, 0.11  # shoulder->wrist, wrist->fingertip (m)
 TARGET_RADIUS = 0.05
+CENTRED = 0.025          # m: the centring half of the reward is full within this (half the target's radius) ...
+CENTERING_MARGIN = 0.075  # m: ... and falls to 0.1 this far beyond it (0.77 at the target's radius)
 
 
 def fingertip(states):
@@ -85,7 +87,15 @@ class Reacher(Task):
         return np.hypot(states[:, 2] - fx, states[:, 3] - fy)
 
     def reward(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        return tolerance(self._distance(states), (0.0, TARGET_RADIUS), margin=0.3)
+        """Half for touching the target (a fall-off over 0.3 m outside it), half for being within half its radius.
+
+        Without the centring half every point inside the target pays the same, so nothing keeps the fingertip
+        off the rim, where success at the final step is a coin flip.
+        """
+        d = self._distance(states)
+        touching = tolerance(d, (0.0, TARGET_RADIUS), margin=0.3)
+        centred = tolerance(d, (0.0, CENTRED), margin=CENTERING_MARGIN)
+        return (0.5 * touching + 0.5 * centred).astype(np.float32)
 
     def is_good(self, states: np.ndarray) -> np.ndarray:
         return self._distance(states) < TARGET_RADIUS
