@@ -33,6 +33,10 @@ bench: $(STAMP)
 fidelity: $(STAMP)
 	$(BIN)/python -m benchmarks.fidelity $(if $(QUICK),--quick,)
 
+.PHONY: sim2real
+sim2real: $(STAMP)   # reality transitions to 0.9 success: flywheel vs PPO in reality vs PPO in the wrong engine (QUICK=1: a check)
+	$(BIN)/python -m benchmarks.sim2real $(if $(QUICK),--quick)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
