@@ -190,3 +190,18 @@ def test_observation_inverse_reads_states_back_or_refuses():
         np.testing.assert_allclose(inverse.difference(inverse(t.observe(s)), s), 0.0, atol=1e-9)
     with pytest.raises(ValueError, match="'lift': state dimension 2 cannot be read back from the observation"):
         ObservationInverse(make_task("lift"), 14)
+
+
+def test_replan_every_step_reports_the_imagination_of_the_executed_actions(world):
+    from policies.planner import Planner
+
+    cfg = PlannerConfig(replan="step", horizon=4, candidates=16, iterations=1, elites=4)
+    policy = PlannerPolicy(Planner(world["wm"], cfg, [-1.0], [1.0], seed=1), WINDOW, 100, keep_windows=10)
+    reality = world["reality"]
+    s = reality.reset(5, 2)
+    for _ in range(2 * WINDOW + 1):                      # the last call observes the 10th step's outcome
+        s = reality.step(s, np.asarray(policy(reality.task.observe(s)), np.float64))
+    assert policy.plans == 2 * WINDOW + 1                # a plan at every step
+    assert len(policy.windows) == 4                      # two windows per env closed
+    for w in policy.windows:
+        np.testing.assert_allclose(w.imagined, world["wm"].imagine(w.start[None], w.actions[None])[0])
