@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from flywheel.cluster import PLACEMENTS
 from flywheel.layers import FOLLOWS, PER_LAP, Composed, ConfigError, compose, leaf_keys
 from flywheel.sections import PPOConfig, RewardConfig, ServerConfig, WorldModelConfig
 from policies.planner import PlannerConfig
@@ -111,6 +112,15 @@ class AgentSection(PlannerConfig):
 
 
 @dataclass
+class ServiceSection(ServerConfig):
+    """The simulator servers: ``ServerConfig``'s fields, and where the flywheel places them (``flywheel.cluster``)."""
+
+    placement: str = "spread"       # spread: self_play.num_servers over the nodes that fit one | per_node: servers_per_node on each
+    servers_per_node: int = 1       # placement=per_node: servers on every node with service.num_gpus GPUs (any node when 0)
+    tls_root_cert: str | None = None    # PEM CA the policy workers trust for TLS servers; None: service.tls_cert_file
+
+
+@dataclass
 class RaySection:
     address: str | None = None   # None: a local ray.init() on this machine's cores
     num_cpus: int | None = None
@@ -144,7 +154,7 @@ class FlywheelConfig:
     guard: GuardSection = field(default_factory=GuardSection)
     agent: AgentSection = field(default_factory=AgentSection)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    service: ServerConfig = field(default_factory=ServerConfig)
+    service: ServiceSection = field(default_factory=ServiceSection)
     ray: RaySection = field(default_factory=RaySection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -263,6 +273,8 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("selection.max_episodes", cfg.selection.max_episodes, 0)
     _check_range("guard.threshold", cfg.guard.threshold, 0.0, 1.0)
     _check_range("guard.max_episodes", cfg.guard.max_episodes, 1)
+    _check_choice("service.placement", cfg.service.placement, PLACEMENTS)
+    _check_range("service.servers_per_node", cfg.service.servers_per_node, 1)
     if cfg.ray.num_cpus is not None:
         _check_range("ray.num_cpus", cfg.ray.num_cpus, 1)
     try:

@@ -24,56 +24,102 @@ def init_ray(cfg: FlywheelConfig) -> None:
     init(cfg.ray.num_cpus, cfg.ray.address, cfg.ray.include_dashboard)
 
 
+def start_ray(cfg: FlywheelConfig) -> None:
+    """Once per run: ``init_ray``, then on a cluster (or more than one node) the checks of every node
+    (``flywheel.cluster.preflight``: the servers' token, the same code everywhere)."""
+    from flywheel import cluster
+
+    init_ray(cfg)
+    if cluster.cluster_mode(cfg) or len(cluster.alive_nodes()) > 1:
+        cluster.preflight(cfg)
+
+
 @contextlib.contextmanager
 def ray_servers(ctx: LapContext) -> Iterator[Served]:
-    """Simulator servers as Ray actors serving the latest world model and recording into the store."""
+    """Simulator servers as Ray actors serving the latest world model and recording into the store.
+
+    They are placed by ``flywheel.cluster`` (``service.placement``); a server on another node than the
+    driver records on its own disk and its shards are copied into the store when it stops.
+    """
+    import ray
+
+    from flywheel import cluster
     from services.server_actor import start_server_actors, stop_server_actors
 
     cfg = ctx.cfg
-    configs = [replace(cfg.service, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
-                       world_model_path=str(ctx.wm_path(ctx.lap - 1)), trajectory_dir=str(ctx.store.raw_dir(ctx.lap)),
-                       lap=ctx.lap, episode_offset=(ctx.lap + 1) * EPISODE_STRIDE + i * (EPISODE_STRIDE // 16),
-                       seed=cfg.seed, reward=cfg.rewards)
-               for i in range(cfg.self_play.num_servers)]
     init_ray(cfg)
-    actors, addresses = start_server_actors(configs)
+    nodes = cluster.server_nodes(cfg)
+    raw, wm, stride = ctx.store.raw_dir(ctx.lap), ctx.wm_path(ctx.lap - 1), EPISODE_STRIDE // max(16, len(nodes))
+    base = cluster.server_config(cfg)
+    configs = [replace(base, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
+                       world_model_path=str(wm), trajectory_dir=str(raw), lap=ctx.lap,
+                       episode_offset=(ctx.lap + 1) * EPISODE_STRIDE + i * stride, seed=cfg.seed, reward=cfg.rewards)
+               for i in range(len(nodes))]
+    placements = cluster.stage(nodes, wm)
+    actors, addresses = start_server_actors(configs, placements)
+    collect = [str(raw) if p.staging else None for p in placements]
     served = Served(list(addresses))
     stopped = False
     try:
+        cluster.remember_servers(addresses, nodes, ray.get([a.pid.remote() for a in actors]))
         yield served
         stopped = True
-        reports = stop_server_actors(actors)           # raises RecordingError if a recorder failed to write
+        reports = stop_server_actors(actors, collect=collect)   # raises RecordingError if a shard was lost
         served.report = {"served": sum(r["transitions_served"] for r in reports),
                          "stored": sum(r["transitions_stored"] for r in reports),
                          "shards": sum(r["shards"] for r in reports),
+                         "collected": sum(r.get("collected", 0) for r in reports),
                          "server_restarts": sum(max(0, r["incarnation"]) for r in reports),
                          "stop_errors": [r["stop_error"] for r in reports if r.get("stop_error")]}
+        if any(collect):
+            ctx.say(f"serve: {served.report['collected']} shard(s) copied into the store from "
+                    f"{sum(1 for c in collect if c)} server(s) on other nodes")
     finally:
         if not stopped:
             with contextlib.suppress(Exception):        # the body's error is the one to report
                 stop_server_actors(actors)
 
 
-def rllib_trainer(ctx: LapContext, addresses: list[str]):
-    """RLlib PPO whose EnvRunners step the served simulator."""
+def env_config(ctx: LapContext, addresses: list[str]):
+    """The policy workers' ``EnvConfig``: the servers, their nodes (for locality), token file and TLS root."""
+    from flywheel import cluster
     from policies.config import EnvConfig
+
+    cfg = ctx.cfg
+    return EnvConfig(task=cfg.task, addresses=list(addresses), fidelity=cfg.simulator.fidelity, mode=cfg.simulator.mode,
+                     horizon=cfg.simulator.horizon, reward_weights=vars(cfg.rewards.weights), seed=cfg.seed + ctx.lap,
+                     server_nodes=cluster.nodes_of(list(addresses)), token_file=cluster.token_file(cfg),
+                     tls_root_cert=cluster.tls_root_cert(cfg))
+
+
+def rllib_trainer(ctx: LapContext, addresses: list[str]):
+    """RLlib PPO whose EnvRunners step the served simulator; where each runner and server ran goes to
+    ``laps/lap_NNN/placement.json``."""
+    from flywheel import cluster
+    from flywheel.lap import write_json
     from policies.rllib_adapter import PolicyTrainer
 
     cfg = ctx.cfg
-    env = EnvConfig(task=cfg.task, addresses=list(addresses), fidelity=cfg.simulator.fidelity, mode=cfg.simulator.mode,
-                    horizon=cfg.simulator.horizon, reward_weights=vars(cfg.rewards.weights), seed=cfg.seed + ctx.lap)
-    return PolicyTrainer(replace(cfg.ppo, seed=cfg.seed), env)
+    trainer = PolicyTrainer(replace(cfg.ppo, seed=cfg.seed), env_config(ctx, addresses))
+    try:
+        record = cluster.placement_record(list(addresses), trainer.runner_probe())
+        write_json(ctx.lap_dir / "placement.json", record)
+    except BaseException:
+        trainer.stop()
+        raise
+    local = sum(r["local"] for r in record["runners"])
+    ctx.say(f"placement: {len(record['runners'])} runner(s), {local} on their server's node; servers on "
+            f"{len({s['node_id'] for s in record['servers']})} node(s)")
+    return trainer
 
 
 def planner_trainer(ctx: LapContext, addresses: list[str]):
     """The planning agent (``agent.kind=planner``): Ray workers planning with the world model the servers serve."""
-    from policies.config import EnvConfig
     from policies.planner import PlannerConfig
     from policies.planner_agent import PlannerTrainer
 
     cfg = ctx.cfg
-    env = EnvConfig(task=cfg.task, addresses=list(addresses), fidelity=cfg.simulator.fidelity, mode=cfg.simulator.mode,
-                    horizon=cfg.simulator.horizon, reward_weights=vars(cfg.rewards.weights), seed=cfg.seed + ctx.lap)
+    env = env_config(ctx, addresses)
     return PlannerTrainer(PlannerConfig.from_object(cfg.agent), env, cfg.simulator.num_envs, ctx.wm_path(ctx.lap - 1))
 
 
@@ -190,5 +236,5 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
 
 def real_parts() -> LapParts:
     """Ray actors, the configured agent (RLlib PPO or the planner), the torch world model and reality."""
-    return LapParts(start=init_ray, serve=ray_servers, trainer=agent_trainer, fit_world_model=fit_world_model,
+    return LapParts(start=start_ray, serve=ray_servers, trainer=agent_trainer, fit_world_model=fit_world_model,
                     evaluate=evaluate_in_reality)

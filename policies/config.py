@@ -90,11 +90,13 @@ class PPOConfig:
 
 @dataclass
 class EnvConfig:
-    """What every EnvRunner's environment is: a session on one of ``addresses`` (runner index mod count).
+    """What every EnvRunner's environment is: a session on one of ``addresses`` (``server_order``).
 
     Each runner opens ``PPOConfig.num_envs_per_runner`` envs in one session of the corrected simulator
-    with the given fidelity, mode, horizon and reward weights (empty = the server's weights). If its
-    server is unreachable the runner tries the other addresses in order.
+    with the given fidelity, mode, horizon and reward weights (empty = the server's weights). A runner
+    prefers a server on its own Ray node (``server_nodes``); if its server is unreachable it tries the
+    others in order. ``token_file`` and ``tls_root_cert`` are paths read on the runner's node (left
+    empty, the runner's environment: ``$FLYWHEEL_TOKEN_FILE``, ``$FLYWHEEL_TOKEN``, ``$FLYWHEEL_TLS_ROOT_CERT``).
     """
 
     task: str = "pendulum"
@@ -108,6 +110,9 @@ class EnvConfig:
     timeout_s: float = 60.0             # per gRPC call
     seed: int = 0                       # runner i seeds its session with seed + 1000 * i
     local_engine: str = "mujoco"        # physics of the in-process simulator when addresses == ["local"]
+    server_nodes: list[str] = field(default_factory=list)   # Ray node id of each address ("" unknown); [] = none known
+    token_file: str | None = None       # the servers' token (a path on the runner's node); None: the environment's
+    tls_root_cert: str | None = None    # PEM CA of the servers' TLS certificate; None: $FLYWHEEL_TLS_ROOT_CERT or plaintext
 
     def validate(self) -> EnvConfig:
         if not self.addresses:
@@ -121,10 +126,31 @@ class EnvConfig:
             raise ValueError("EnvConfig.mode must name a corrected-simulator mode, e.g. 'blend'")
         if self.horizon < 0 or self.timeout_s <= 0:
             raise ValueError(f"EnvConfig.horizon must be >= 0 and timeout_s > 0, got {self.horizon}, {self.timeout_s}")
+        if self.server_nodes and len(self.server_nodes) != len(self.addresses):
+            raise ValueError(f"EnvConfig.server_nodes must name one node per address ({len(self.addresses)}) or be "
+                             f"empty, got {len(self.server_nodes)}")
         return self
+
+    def server_order(self, node_id: str, index: int) -> list[str]:
+        """The addresses worker ``index`` (0-based) on Ray node ``node_id`` tries, in order (``server_order``)."""
+        return server_order(list(self.addresses), list(self.server_nodes), node_id, index)
+
+    def credentials(self) -> dict:
+        """The client's keyword arguments for a secured server (``RemoteVectorEnv``/``SimulatorClient``)."""
+        return {"token_file": self.token_file or None, "tls_root_cert": self.tls_root_cert or None}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def server_order(addresses: list[str], server_nodes: list[str], node_id: str, index: int) -> list[str]:
+    """The servers a policy worker tries: those on its own node first (``index`` spreads workers over them),
+    else all of them (``index`` spreads workers evenly); every other address follows as a fallback."""
+    local = [a for a, n in zip(addresses, server_nodes) if n and n == node_id]
+    pool = local or list(addresses)
+    k = index % len(pool)
+    first = pool[k:] + pool[:k]
+    return first + [a for a in addresses if a not in first]
 
 
 TASK_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "task"

@@ -48,7 +48,8 @@ class WeightSyncError(RuntimeError):
 
 
 def make_served_env(ctx: dict) -> gym.vector.VectorEnv:
-    """RLlib env creator: a ``RemoteVectorEnv`` on this runner's server (the others as fallbacks)."""
+    """RLlib env creator: a ``RemoteVectorEnv`` on this runner's server, preferably on its own node (the others
+    as fallbacks), with the servers' token and TLS root certificate."""
     from services.vector_env import RemoteVectorEnv  # deferred: the driver never opens a session
 
     env = EnvConfig(**{k: v for k, v in ctx.items() if k != "num_envs"})
@@ -59,16 +60,14 @@ def make_served_env(ctx: dict) -> gym.vector.VectorEnv:
         return LocalVectorEnv(env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
                               seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
                               horizon=env.horizon, config=ServerConfig(task=env.task, engine=env.local_engine))
-    addresses = list(env.addresses)
-    first = max(_runner_index - 1, 0) % len(addresses)
-    order = addresses[first:] + addresses[:first]
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     errors = []
-    for address in order:
+    for address in env.server_order(node, max(_runner_index - 1, 0)):
         try:
             return RemoteVectorEnv(address, env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
                                    seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
                                    horizon=env.horizon, world_model_version=env.world_model_version,
-                                   streaming=env.streaming, timeout=env.timeout_s)
+                                   streaming=env.streaming, timeout=env.timeout_s, **env.credentials())
         except Exception as exc:  # noqa: BLE001 - try the next server, report all if none answers
             errors.append(f"{address}: {exc}")
     raise ConnectionError("no simulator server accepted a session:\n" + "\n".join(errors))
@@ -130,12 +129,12 @@ def _first_step(episodes, digest: str) -> dict:
 
 
 def runner_probe(runner) -> dict:
-    """Process facts of an EnvRunner: pid, index and which JAX/MJX/Brax modules it has imported."""
+    """Process facts of an EnvRunner: pid, index, Ray node, its server and which JAX/MJX/Brax modules it has imported."""
     loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
     env = getattr(runner, "env", None)
     client = getattr(env.unwrapped, "client", None) if env is not None else None
     return {"pid": os.getpid(), "worker_index": int(runner.worker_index), "heavy_modules": loaded,
-            "address": getattr(client, "address", None)}
+            "address": getattr(client, "address", None), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 class ServedRewardMetrics(RLlibCallback):
