@@ -45,7 +45,8 @@ def stage_table(sweep_dir: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="extra config overrides (e.g. task=cartpole)")
-    p.add_argument("--quick", action="store_true", help="fidelities 0,1 x 3 laps x 2 seeds on the smoke budgets")
+    p.add_argument("--quick", action="store_true", help="fidelities 0,1 x 3 laps x 2 seeds on the smoke budgets, "
+                   "with the ablations")
     p.add_argument("--spec", default=str(ROOT / "configs" / "sweep" / "fidelity.yaml"))
     p.add_argument("--run-dir", default=None, help="sweep directory (an existing one is continued)")
     args = p.parse_args()
