@@ -14,6 +14,7 @@ from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.session import ServiceError
 
 CHUNK_ELEMENTS = 1 << 16        # a slice of Imagine/Verify work between two checks that the caller is still there
+CHUNK_STEPS = 64                # and at most this many sequential world-model steps
 
 
 def header_shape(msg: pb.Tensor, name: str) -> tuple[int, ...]:

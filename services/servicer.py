@@ -22,7 +22,7 @@ from services.codec import CodecError, decode_float, encode
 from services.config import ServerConfig
 from services.engines import EnginePool
 from services.leases import Leases
-from services.limits import CHUNK_ELEMENTS, check_work, chunks, ensure_active, header_shape
+from services.limits import CHUNK_ELEMENTS, CHUNK_STEPS, check_work, chunks, ensure_active, header_shape
 from services.models import ModelStore, verify_report
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.proto.flywheel.simulator.v1 import simulator_pb2_grpc as pb_grpc
@@ -215,7 +215,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         actions = decode_float(request.actions, "actions", (len(s0), None, wm.action_size))
         out = np.empty((len(s0), actions.shape[1], wm.state_size), np.float32)
         s = s0
-        for lo, hi in chunks(actions.shape[1], CHUNK_ELEMENTS // max(1, len(s0) * wm.state_size)):
+        for lo, hi in chunks(actions.shape[1], min(CHUNK_STEPS, CHUNK_ELEMENTS // max(1, len(s0) * wm.state_size))):
             ensure_active(context, "Imagine")
             part = wm.imagine(s, actions[:, lo:hi])
             out[:, lo:hi], s = part, part[:, -1]

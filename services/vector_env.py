@@ -216,6 +216,8 @@ class RemoteVectorEnv(SimulatorVectorEnv):
                          self.session.info.wm_version)
 
     def close_extras(self, **kwargs) -> None:
+        if not hasattr(self, "session"):      # the constructor failed: nothing was opened
+            return
         try:
             self.session.close()
         except (NotFound, Unavailable):   # the server already dropped the session or went away

@@ -1,0 +1,103 @@
+"""Every request's work is bounded and cancellable; every client call carries a deadline (real servers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from services.client import DeadlineExceeded, ResourceExhausted, SimulatorClient, Unavailable
+from services.config import ServerConfig
+from services.server import ServerProcess, serve
+from services.server_actor import free_port
+from services.vector_env import RemoteVectorEnv
+
+TASK = "pendulum"
+
+
+@pytest.fixture(scope="module")
+def small():
+    config = ServerConfig(task=TASK, engine="mujoco", max_batch=32, max_horizon=50, max_elements=1000)
+    with ServerProcess(config) as proc:
+        yield proc.address
+
+
+@pytest.mark.parametrize("call", ["imagine", "verify"])
+def test_batch_horizon_and_elements_are_limited_for_every_rpc(small, call):
+    with SimulatorClient(small) as client:
+        run = getattr(client, call)
+
+        def ask(b: int, h: int):
+            args = (np.zeros((b, 2)), np.zeros((b, h, 1)))
+            return run(*args) if call == "imagine" else run(*args, np.zeros((b, h, 2)))
+
+        name = call.capitalize()
+        with pytest.raises(ResourceExhausted, match=f"{name}: batch B=33 is over the server's max_batch 32"):
+            ask(33, 1)
+        with pytest.raises(ResourceExhausted, match=f"{name}: horizon H=203173 is over the server's max_horizon 50"):
+            ask(1, 203_173)
+        with pytest.raises(ResourceExhausted, match=rf"{name}: B\*H\*S = 30\*20\*2 = 1200 elements is over the server's "
+                           "max_elements 1000"):
+            ask(30, 20)
+        assert ask(20, 20) is not None                 # within every limit
+
+
+def test_a_session_is_limited_in_batch_horizon_and_elements(small):
+    with SimulatorClient(small) as client:
+        with pytest.raises(ResourceExhausted, match="num_envs 33 is over the server's max_batch 32"):
+            client.create_session(TASK, 33)
+        with pytest.raises(ResourceExhausted, match="horizon H=51 is over the server's max_horizon 50"):
+            client.create_session(TASK, 2, horizon=51)
+        with pytest.raises(ResourceExhausted, match=r"B\*H\*S = 30\*20\*2 = 1200 elements .* max_elements 1000"):
+            client.create_session(TASK, 30, horizon=20)
+        session = client.create_session(TASK, 20, horizon=20)
+        session.reset()
+        assert session.step(np.zeros((20, 1), np.float32)).observations.shape == (20, 3)
+        session.close()
+
+
+def test_work_stops_when_its_caller_has_gone():
+    config = ServerConfig(task=TASK, engine="mujoco", max_horizon=10**6, max_elements=10**9)
+    server = serve(config)
+    try:
+        with SimulatorClient(server.address, timeout=0.5) as client:
+            with pytest.raises(DeadlineExceeded):       # ~40 s of world-model steps, asked with a 0.5 s deadline
+                client.imagine(np.zeros((1, 2)), np.zeros((1, 200_000, 1)))
+            end = time.monotonic() + 60
+            while server.report()["calls_cancelled"] < 1:
+                assert time.monotonic() < end, "the server kept working for a caller that had gone"
+                time.sleep(0.05)
+        with SimulatorClient(server.address) as client:
+            imagined, _ = client.imagine(np.zeros((2, 2)), np.zeros((2, 3, 1)))
+        assert imagined.shape == (2, 3, 2)
+    finally:
+        server.stop(0)
+
+
+def test_a_stream_step_has_a_deadline_against_a_stopped_server():
+    with ServerProcess(ServerConfig(task=TASK, engine="mujoco")) as proc:
+        with SimulatorClient(proc.address, timeout=2.0) as client:
+            session = client.create_session(TASK, 2)
+            session.use_stream()
+            session.reset()
+            session.step(np.zeros((2, 1), np.float32))
+            os.kill(proc.pid, signal.SIGSTOP)           # the server hangs: no answer, no disconnect
+            try:
+                with pytest.raises(DeadlineExceeded, match="no answer within 2 s"):
+                    session.step(np.zeros((2, 1), np.float32))
+                with pytest.raises(DeadlineExceeded):
+                    session.step(np.zeros((2, 1), np.float32))   # a new stream, the same deadline
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            out = session.step(np.zeros((2, 1), np.float32))    # the same sequence number again: served
+            assert out.observations.shape == (2, 3)
+            session.close()
+
+
+def test_remote_env_against_a_dead_address_fails_within_its_timeout():
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    with pytest.raises(Unavailable, match=f"no simulator server at {address} after 2 s"):
+        RemoteVectorEnv(address, TASK, 2, timeout=2.0)
