@@ -129,3 +129,51 @@ def test_composes_with_gymnasium_wrappers_and_make_vec(setup):
         _obs, _reward, _terminated, _truncated, infos = env.step(env.action_space.sample())
     assert "episode" not in infos[0] and "reward/task" not in infos[0]  # the reset step carries no terms
     env.close()
+
+
+@pytest.mark.parametrize("make", [remote, local], ids=["remote", "local"])
+def test_per_env_seeds_reset_mask_episode_ids_and_closed_envs(setup, make):
+    env = make(setup)
+    a, info = env.reset(seed=[5, 6, 7])
+    b, _ = env.reset(seed=[5, 6, 7])
+    c, _ = env.reset(seed=[5, 6, 8])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(env.reset(seed=[9, 9, 9])[0], env.reset(seed=9)[0])   # equal seeds: that seed
+    with pytest.raises(ValueError, match="one per env: got 2 for 3 envs"):
+        env.reset(seed=[1, 2])
+    ids = info["episode_id"]
+    assert info["_episode_id"].all() and len(set(ids.tolist())) == B
+    obs, info = env.reset(options={"reset_mask": np.ones(B, bool)})
+    _, _, _, _, step_info = env.step(actions(0))
+    np.testing.assert_array_equal(step_info["episode_id"], info["episode_id"])     # the episodes the reset started
+    with pytest.raises(ValueError, match="reset_mask resetting only some envs is not supported"):
+        env.reset(options={"reset_mask": np.array([True, False, True])})
+    with pytest.raises(ValueError, match="unknown reset option"):
+        env.reset(options={"bogus": 1})
+    env.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        env.step(actions(1))
+    with pytest.raises(RuntimeError, match="is closed"):
+        env.reset()
+
+
+def test_observation_bounds_where_the_task_declares_them(setup):
+    from dataclasses import dataclass
+
+    from services.session import observation_bounds
+    from simulators.tasks.pendulum import Pendulum
+
+    @dataclass(frozen=True)
+    class BoundedPendulum(Pendulum):
+        observation_low: tuple = (-1.0, -1.0, None)
+        observation_high: tuple = (1.0, 1.0, None)
+
+    low, high = observation_bounds(BoundedPendulum(), 3)
+    np.testing.assert_array_equal(low, [-1, -1, -np.inf])
+    np.testing.assert_array_equal(high, [1, 1, np.inf])
+    low, high = observation_bounds(make_task(TASK), 3)                 # the task does not say: unbounded
+    env = remote(setup)
+    np.testing.assert_array_equal(env.single_observation_space.low, low)
+    np.testing.assert_array_equal(env.single_observation_space.high, high)
+    env.close()
