@@ -8,14 +8,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from services.client import SimulatorClient
+from services.client import ResourceExhausted, SimulatorClient
 
 
 def test_flywheel_serve_prints_its_address_serves_and_stops_on_sigterm():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", "--task", "pendulum", "--engine", "mujoco",
-                             "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", "0", "service.max_sessions=1", "rewards.weights.physics=0.25",
+                             "simulator.horizon=3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = ""
         while not line.startswith("serving "):
@@ -26,10 +28,50 @@ def test_flywheel_serve_prints_its_address_serves_and_stops_on_sigterm():
         with SimulatorClient(address) as client:
             assert client.health() == "SERVING"
             session = client.create_session("pendulum", 2, fidelity=1.0)
+            assert session.info.reward_weights["physics"] == 0.25 and session.info.horizon == 3
             session.reset(seed=0)
             reply = session.step(np.zeros((2, 1), np.float32))
             assert reply.observations.shape == (2, 3)
+            with pytest.raises(ResourceExhausted, match="maximum of 1 sessions"):   # service.max_sessions=1
+                client.create_session("pendulum", 2)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "ServerConfig.port must be in [0, 65535], got 99999"),
+    (["--task", "nope"], "config key 'task' is 'nope'; allowed:"),
+    (["--param", "mass_scale=abc"], "engine.params.mass_scale"),
+    (["--param", "speed=2"], "unknown config key 'engine.params.speed'"),
+    (["--engine", "nope"], "config key 'engine.name' is 'nope'; allowed:"),
+    (["--world-model", "/nonexistent/wm.pt"], "no world-model file at /nonexistent/wm.pt"),
+    (["service.max_sessions=0"], "ServerConfig.max_sessions must be >= 1"),
+    (["ppo.lr=0.1"], "config key 'ppo.lr' does not configure a simulator server"),
+    (["--host", "0.0.0.0"], "listens beyond loopback, so the server needs a token"),
+    (["service.token_file=/nonexistent/token"], "cannot read the token file /nonexistent/token"),
+])
+def test_flywheel_serve_bad_input_exits_2_with_one_line_before_binding(args, message, capsys, monkeypatch):
+    from flywheel.cli import main
+
+    for key in ("FLYWHEEL_TOKEN", "FLYWHEEL_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["serve", "--engine", "mujoco", *args] if "--engine" not in args else ["serve", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("flywheel serve: error: ") and message in err[0], err
+
+
+def test_flywheel_serve_refuses_a_world_model_no_session_could_use(tmp_path, capsys):
+    from flywheel.cli import main
+    from simulators import make_engine
+    from simulators.world_model import WorldModel, WorldModelConfig
+
+    spec = make_engine("mujoco", "cartpole").spec
+    wm = WorldModel("cartpole", spec.state_size, spec.action_size, WorldModelConfig(ensemble_size=1, hidden_size=8,
+                                                                                     num_layers=1))
+    wm.save(tmp_path / "cartpole.pt")
+    assert main(["serve", "--engine", "mujoco", "--task", "pendulum", "--world-model", str(tmp_path / "cartpole.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"flywheel serve: error: world model {wm.version} is for task 'cartpole', not 'pendulum'; " \
+                      "load a pendulum model with LoadWorldModel"
