@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# GPU=1: CUDA builds of torch (PyTorch's index) and jax (the `gpu` extra), both for CUDA 13; JAX may then use the GPU.
+GPU ?=
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/cu130
+STAMP := $(VENV)/.installed$(if $(GPU),-gpu,)
+ifeq ($(GPU),)
 export JAX_PLATFORMS ?= cpu
+endif
 export XLA_PYTHON_CLIENT_PREALLOCATE = false
 
 .PHONY: install run test bench fidelity lint proto clean
@@ -11,8 +16,13 @@ export XLA_PYTHON_CLIENT_PREALLOCATE = false
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+ifeq ($(GPU),)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+else
+	$(BIN)/pip install --quiet 'torch==2.13.0+cu130' --index-url $(TORCH_CUDA_INDEX)
+	$(BIN)/pip install --quiet -e '.[dev,gpu]'
+endif
 	touch $(STAMP)
 
 install: $(STAMP)
