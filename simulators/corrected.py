@@ -23,7 +23,9 @@ Modes (``MODES``):
 no episode clock, no imagination): that is how a gymnasium next-step autoreset returns an env's
 fresh initial state without advancing it.
 
-Torch (the WM) and the engine (MuJoCo C arrays or JAX) meet here through float64 numpy arrays.
+Torch (the WM) and the engine (MuJoCo C arrays or JAX) meet here through float64 numpy arrays; when
+a JAX engine runs on a GPU and the world model on CUDA (``device_path``), a blend step stays on the
+device instead: the engine's next states reach torch through DLPack, and only the result is copied out.
 Episodes are truncated at ``task.episode_length``; they terminate early only if a corrected state
 turns non-finite (then ``terminated`` is True, the reward is 0, and the env is reset).
 """
@@ -38,6 +40,34 @@ from simulators.physics import PhysicsEngine, make_engine
 from simulators.tasks import Task, make_task
 
 MODES = ("blend", "reground")
+
+
+def engine_platform(engine) -> str:
+    """``"gpu"`` for a JAX engine whose model lives on a GPU, else ``"cpu"`` (MuJoCo's C engine runs on the host)."""
+    model = getattr(engine, "jax_model", None)
+    if model is None:
+        return "cpu"
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(model)
+    devices = leaves[0].devices() if leaves and hasattr(leaves[0], "devices") else set()
+    return "gpu" if any(d.platform == "gpu" for d in devices) else "cpu"
+
+
+def device_path(platform: str, wm_device: str) -> bool:
+    """Whether blend steps stay on the accelerator: the engine on a GPU and the world model on CUDA."""
+    return platform == "gpu" and str(wm_device).startswith("cuda")
+
+
+def engine_tensor(engine, states: np.ndarray, actions: np.ndarray):
+    """A JAX engine's next states ``[B, S]`` as a torch tensor on the engine's device, handed over by DLPack."""
+    import jax.numpy as jnp
+    import torch
+
+    with engine.precision():
+        state = engine.step(engine.from_vector(states), actions)
+        vec = jnp.concatenate([getattr(state, engine.pos_field), getattr(state, engine.vel_field)], axis=1)
+    return torch.from_dlpack(vec)
 
 
 @dataclass
@@ -103,6 +133,8 @@ class CorrectedSimulator:
         if diffs:
             raise ValueError("world model does not fit this simulator: " + "; ".join(diffs))
         self.world_model = world_model
+        # blend on the device (DLPack); may be set True to take that path on the CPU too
+        self.device_blend = device_path(engine_platform(self.engine), getattr(world_model, "device", "cpu"))
 
     # -- episodes ------------------------------------------------------------------------------
     def reset(self) -> np.ndarray:
@@ -142,6 +174,17 @@ class CorrectedSimulator:
         engine_next = self.engine.step_vectors(s, a)  # full batch: keeps JAX engines at one compiled shape
         return np.where(ground[:, None], engine_next, wm_next)
 
+    def _blend_on_device(self, rows: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``blend`` with both models on their device: one world-model call for the correction and the imagination,
+        the engine's states by DLPack, one copy of the results to the host."""
+        import torch
+
+        B, wm = len(a), self.world_model
+        pred, _ = wm.predict(torch.as_tensor(rows, dtype=torch.float64, device=wm.device), np.concatenate([a, a]))
+        engine_next = engine_tensor(self.engine, rows[:B], a).to(pred)
+        s1 = pred[:B] + self.fidelity * (engine_next - pred[:B])
+        return s1.cpu().numpy(), pred[B:].cpu().numpy()
+
     def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepResult:
         """Advance every env not in ``hold`` one step; finished envs are reset inside this step."""
         if self._states is None:
@@ -156,9 +199,12 @@ class CorrectedSimulator:
         # One WM call for both the correction (from s) and the imagination (from the imagined state).
         need_wm = self.fidelity < 1.0
         rows = np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
-        pred = self.world_model.step(rows, np.concatenate([a, a]) if need_wm else a)
-        wm_next, imagined_next = (pred[:B], pred[B:]) if need_wm else (None, pred)
-        s1 = self._correct(s, a, wm_next)
+        if self.device_blend and self.mode == "blend" and 0.0 < self.fidelity < 1.0:
+            s1, imagined_next = self._blend_on_device(rows, a)
+        else:
+            pred = self.world_model.step(rows, np.concatenate([a, a]) if need_wm else a)
+            wm_next, imagined_next = (pred[:B], pred[B:]) if need_wm else (None, pred)
+            s1 = self._correct(s, a, wm_next)
         if held.any():
             s1 = np.where(held[:, None], s, s1)
             imagined_next = np.where(held[:, None], self._imagined_state, imagined_next)
