@@ -6,6 +6,10 @@ in numpy, grpc and gymnasium only, never JAX or the physics; the server side loa
     from services import ServerConfig, ServerProcess, RemoteVectorEnv
     with ServerProcess(ServerConfig(task="pendulum", engine="mujoco")) as server:
         env = RemoteVectorEnv(server.address, "pendulum", num_envs=64, fidelity=0.5)
+
+A server beyond loopback wants a token (``ServerConfig.token_file``; clients: ``token_file=``/``token=``
+or ``$FLYWHEEL_TOKEN_FILE``/``$FLYWHEEL_TOKEN``) and may use TLS (``tls_cert_file``/``tls_key_file``;
+clients: ``tls_root_cert=`` or ``$FLYWHEEL_TLS_ROOT_CERT``); see ``services.auth``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ClientCredentials": "services.auth",
     "SimulatorClient": "services.client",
     "SimulatorError": "services.client",
     "RemoteVectorEnv": "services.vector_env",
@@ -24,8 +29,8 @@ _EXPORTS = {
     "serve": "services.server",
 }
 
-__all__ = ["LocalVectorEnv", "RemoteVectorEnv", "ServerConfig", "ServerProcess", "SimulatorClient", "SimulatorError",
-           "SimulatorServer", "SimulatorVectorEnv", "serve"]
+__all__ = ["ClientCredentials", "LocalVectorEnv", "RemoteVectorEnv", "ServerConfig", "ServerProcess", "SimulatorClient",
+           "SimulatorError", "SimulatorServer", "SimulatorVectorEnv", "serve"]
 
 
 def __getattr__(name: str):
