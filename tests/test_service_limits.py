@@ -101,3 +101,20 @@ def test_remote_env_against_a_dead_address_fails_within_its_timeout():
     address = f"127.0.0.1:{free_port('127.0.0.1')}"
     with pytest.raises(Unavailable, match=f"no simulator server at {address} after 2 s"):
         RemoteVectorEnv(address, TASK, 2, timeout=2.0)
+
+
+def test_streams_beyond_the_free_handler_threads_fall_back_to_unary_steps():
+    with ServerProcess(ServerConfig(task=TASK, engine="mujoco", workers=2)) as proc:   # one stream slot
+        with SimulatorClient(proc.address) as client:
+            sessions = [client.create_session(TASK, 2, seed=i) for i in range(3)]
+            for s in sessions:
+                s.use_stream()
+                s.reset()
+            for _ in range(3):
+                for s in sessions:
+                    assert s.step(np.zeros((2, 1), np.float32)).observations.shape == (2, 3)
+            assert client.health() == "SERVING"               # a handler thread is still free for probes
+            for s in sessions:
+                s.close()
+        report = proc.stop()
+    assert report["streams_refused"] == 2
