@@ -3,7 +3,8 @@
     python -m benchmarks.sim2real --quick          # pendulum, one seed, small budgets (a check)
     python -m benchmarks.sim2real                  # pendulum and cartpole, seeds 1000,2000,3000 (README figures)
 
-Reality is the task as written; the simulator's engine is wrong in one parameter (``GAPS``, about 30%).
+Reality is the task as written; the simulator's engine is wrong in one parameter, its actuator gain (``GAPS``:
+43% stronger on the cartpole, 2x on the pendulum, where no gap tried makes the engine-only policy fail).
 Three approaches, each per seed, each evaluated in reality after every lap or PPO iteration:
 
     flywheel      ``flywheel run`` with a per-lap reality budget (``reality.steps_per_lap``): reality
@@ -139,12 +140,16 @@ class Setting:
     laps: int
 
 
-GAPS = {"pendulum": {"gain_scale": 1.3}, "cartpole": {"gain_scale": 1.3}}
-FULL = {
-    "pendulum": Setting(GAPS["pendulum"], ("reality.steps_per_lap=1000", "simulator.fidelity=0.25"), 60_000, 6),
-    "cartpole": Setting(GAPS["cartpole"], ("reality.steps_per_lap=4000", "simulator.fidelity=0.25"), 400_000, 6),
-}
-QUICK = {"pendulum": Setting(GAPS["pendulum"], FULL["pendulum"].flywheel, 16_384, 3)}
+# The engine's actuator is stronger than reality's. A policy trained in the true physics still succeeds on the
+# pendulum 0.72 with a 30% weaker actuator (0.75 at 1.43x mass, 1.00 at 2x or 0.5x damping); PPO trained in a 2x
+# stronger engine reached 0.97 in reality: no single-parameter gap tried makes the pendulum fail. The cartpole
+# policy fails (0.00) with a 30% weaker actuator.
+GAPS = {"pendulum": {"gain_scale": 2.0}, "cartpole": {"gain_scale": 1.43}}
+_PENDULUM = ("reality.seed_steps=1000", "reality.steps_per_lap=200", "simulator.fidelity=0.5")
+_CARTPOLE = ("reality.seed_steps=2000", "reality.steps_per_lap=2000", "simulator.fidelity=0.5")
+FULL = {"pendulum": Setting(GAPS["pendulum"], _PENDULUM, 60_000, 6),
+        "cartpole": Setting(GAPS["cartpole"], _CARTPOLE, 400_000, 6)}
+QUICK = {"pendulum": Setting(GAPS["pendulum"], _PENDULUM, 24_576, 4)}
 
 
 def run_flywheel(task: str, seed: int, setting: Setting, threshold: float, root: Path, say=print) -> list[Point]:
