@@ -43,6 +43,8 @@ def describe_difference(name_a: str, name_b: str, metric: str, lap: int, d: dict
     if d["n"] < 2:
         return f"lap {lap}, {metric}: {name_a} vs {name_b}: fewer than 2 paired seeds, no claim."
     verdict = "significant at 95%" if d["significant"] else "not significant (the interval includes 0)"
+    if d["mean"] == 0 and d["lo"] == d["hi"] == 0:
+        return f"lap {lap}, {metric}: {name_a} and {name_b} are equal on all {d['n']} seeds."
     higher = name_a if d["mean"] >= 0 else name_b
     return (f"lap {lap}, {metric}: {higher} is higher by {abs(d['mean']):.3g} "
             f"(95% CI of {name_a} - {name_b}: [{d['lo']:.3g}, {d['hi']:.3g}], {d['n']} seeds): {verdict}.")

@@ -127,9 +127,7 @@ def plan_children(overrides: list[str], grid: dict[str, list[str]], seeds: int |
 def describe(label: str, cfg) -> str:
     """A setting's name in reports; an agent trained or planning purely in the world model is named for what it is."""
     if cfg.simulator.fidelity == 0 and not label.startswith("PPO in reality"):
-        if cfg.agent.kind == "planner":
-            return f"{label} (dream: the planner acting in the world model only)"
-        return f"{label} (dream: PPO in the world model only, as World Models 2018)"
+        return f"{label} [{'planner ' if cfg.agent.kind == 'planner' else ''}dream]"
     return label
 
 

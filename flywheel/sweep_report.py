@@ -19,6 +19,9 @@ from flywheel.stats import describe_difference, paired_difference
 
 REPORT_METRICS = ("capability/success_rate", "capability/return", "capability/goal_time_fraction",
                   "world_model/open_loop_error", "exploitation/return_gap")
+DREAM_NOTES = {"[dream]": "[dream]: PPO trained purely in the world model (fidelity 0), then evaluated in reality: "
+                          "the World Models (2018) setup.",
+               "[planner dream]": "[planner dream]: the planner acting in the world model only (fidelity 0)."}
 PLOTTED = ("capability/success_rate", "capability/goal_time_fraction", "world_model/open_loop_error")
 
 
@@ -97,6 +100,9 @@ def write_sweep_report(sweep_dir: str | Path, say: Callable[[str], None] = print
     sentences = significance(runs)
     if sentences:
         parts.append("significance:\n" + "\n".join(f"  {x}" for x in sentences))
+    notes = [note for tag, note in DREAM_NOTES.items() if any(tag in r["setting"] for r in runs)]
+    if notes:
+        parts.append("\n".join(notes))
     text = "\n\n".join(parts)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)

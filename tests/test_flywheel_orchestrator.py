@@ -252,7 +252,8 @@ def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
     assert {a.path for a in client.list_artifacts(parent.run_id, "report")} == {
         "report/sweep_table.txt", "report/compounding.png"}
     assert [s for s, _ in parent.metric_history("sweep/simulator.fidelity_1/success_rate")] == [0, 1]
-    assert "dream: PPO in the world model only" in table[3]
+    assert "simulator.fidelity=0 [dream]" in table[3]
+    assert "[dream]: PPO trained purely in the world model (fidelity 0)" in (sweep_dir / "report" / "sweep_table.txt").read_text()
     with pytest.raises(ConfigError, match="simulator.fidelity"):
         sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=0,3"]), 1,
                          tmp_path / "bad")
