@@ -47,12 +47,34 @@ class GaussianEnsemble(nn.Module):
         for layer in self.hidden:
             x = nn.functional.silu(layer(x))
         mean, log_std = self.head(x).chunk(2, dim=-1)
+        return mean, self._bound(log_std)
+
+    def infer(self, x: torch.Tensor, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` for inference (call under ``torch.inference_mode``): the same values, fewer ops and
+        no module dispatch; the log-std is skipped unless ``with_std``. ``x``: ``[B, in]`` or ``[E, B, in]``."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.members, -1, -1)
+        for layer in self.hidden:
+            x = nn.functional.silu(torch.baddbmm(layer.bias, x, layer.weight), inplace=True)
+        out = torch.baddbmm(self.head.bias, x, self.head.weight)
+        mean, log_std = out.chunk(2, dim=-1)
+        return mean, (self._bound(log_std) if with_std else None)
+
+    def _bound(self, log_std: torch.Tensor) -> torch.Tensor:
         log_std = self.max_log_std - nn.functional.softplus(self.max_log_std - log_std)
-        log_std = self.min_log_std + nn.functional.softplus(log_std - self.min_log_std)
-        return mean, log_std
+        return self.min_log_std + nn.functional.softplus(log_std - self.min_log_std)
 
     def nll(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Gaussian NLL (up to a constant) averaged over members, batch and dims, plus the log-std bound penalty."""
         mean, log_std = self(x)
         nll = (0.5 * ((target - mean) * torch.exp(-log_std)) ** 2 + log_std).mean()
         return nll + 0.01 * (self.max_log_std.sum() - self.min_log_std.sum()) / self.out_features
+
+
+def member_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the leading (member) axis by elementwise adds in member order: each row's value does not
+    depend on the batch it is in (``Tensor.mean(0)`` vectorises differently at the batch's tail)."""
+    total = x[0]
+    for e in range(1, len(x)):
+        total = total + x[e]
+    return total / len(x)

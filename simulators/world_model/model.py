@@ -31,7 +31,7 @@ import torch
 
 from simulators.dataset import TransitionDataset
 from simulators.tasks import Task, make_task
-from simulators.world_model.ensemble import GaussianEnsemble
+from simulators.world_model.ensemble import GaussianEnsemble, member_mean
 
 # The fields that shape the network: stored in a checkpoint and checked when it is loaded with a config.
 # The other fields (learning rate, batch size, epochs, patience, holdout, seed, device, threads) say how
@@ -136,18 +136,34 @@ class WorldModel:
 
     @torch.inference_mode()
     def _members(self, states, actions, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-member state change: mean and std ``[E, B, S]`` in state units (float32)."""
+        """Per-member normalised state change and std ``[E, B, S]`` (float32); the std in state units.
+
+        Every row's result depends on that row alone, not on the rest of the batch: a single row is
+        computed as two (a one-row product takes another kernel), and members are averaged by
+        ``member_mean``. So a batch coalesced from many callers gives each the bits it would get alone.
+        """
         s, a = self._as_tensors(states, actions)
         with torch_threads(self.config.num_threads):
-            mean, log_std = self.net(self._inputs(s, a))
-            mean = mean * self.norm["out_std"] + self.norm["out_mean"]
+            x = self._inputs(s, a)
+            n = len(x)
+            mean, log_std = self.net.infer(x.repeat(2, 1) if n == 1 else x, with_std)
+            if n == 1:
+                mean, log_std = mean[:, :1], (None if log_std is None else log_std[:, :1])
             return mean, (torch.exp(log_std) * self.norm["out_std"] if with_std else None)
 
+    @torch.inference_mode()
+    def _delta(self, mean: torch.Tensor) -> torch.Tensor:
+        """Ensemble-mean state change ``[B, S]`` in state units from normalised member means ``[E, B, S]``."""
+        return member_mean(mean) * self.norm["out_std"] + self.norm["out_mean"]
+
+    @torch.inference_mode()
     def predict(self, states, actions):
         """Next-state mean (ensemble mean) and total std (aleatoric + epistemic), each ``[B, S]``."""
-        mu, sigma = self._members(states, actions)
-        delta = mu.mean(0)
-        std = torch.sqrt((sigma**2).mean(0) + mu.var(0, unbiased=False))
+        mean, sigma = self._members(states, actions)
+        delta = self._delta(mean)
+        mu = mean * self.norm["out_std"] + self.norm["out_mean"]
+        spread = mu - member_mean(mu)
+        std = torch.sqrt(member_mean(sigma * sigma) + member_mean(spread * spread))
         if isinstance(states, torch.Tensor):
             return states + delta.to(states), std.to(states)
         s = np.asarray(states, dtype=np.float64)
@@ -155,12 +171,14 @@ class WorldModel:
 
     def step(self, states, actions) -> np.ndarray:
         """Ensemble-mean next state ``[B, S]`` (float64 numpy)."""
-        delta = self._members(states, actions, with_std=False)[0].mean(0)
+        delta = self._delta(self._members(states, actions, with_std=False)[0])
         return np.asarray(states, dtype=np.float64) + delta.double().cpu().numpy()
 
+    @torch.inference_mode()
     def disagreement(self, states, actions) -> np.ndarray:
         """Epistemic uncertainty: std of the members' predicted means ``[B, S]``."""
-        return self._members(states, actions, with_std=False)[0].std(0, unbiased=False).double().cpu().numpy()
+        mean = self._members(states, actions, with_std=False)[0] * self.norm["out_std"]
+        return mean.std(0, unbiased=False).double().cpu().numpy()
 
     def imagine(self, s0, actions) -> np.ndarray:
         """Open-loop rollout of the ensemble mean from ``s0 [B, S]`` under ``actions [B, H, A]`` -> ``[B, H, S]``."""
