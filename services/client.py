@@ -185,14 +185,21 @@ class SimulatorClient:
 
     # -- plumbing ------------------------------------------------------------------------------
     def call(self, method: str, request, timeout: float | None = None, retry_seconds: float | None = None):
-        """Invoke ``method`` with a deadline; where it is safe, retry UNAVAILABLE with backoff for ``retry_seconds``."""
+        """Invoke ``method`` with a deadline; where it is safe, retry UNAVAILABLE with backoff for ``retry_seconds``.
+
+        The whole call, retries included, ends within ``max(timeout, retry_seconds)``.
+        """
         fn = getattr(self._stub, method)
         window = self.retry_seconds if retry_seconds is None else float(retry_seconds)
-        give_up = time.monotonic() + (window if method in self._SAFE else 0.0)
+        per_call = self.timeout if timeout is None else float(timeout)
+        now = time.monotonic()
+        give_up = now + (window if method in self._SAFE else 0.0)
+        end = max(give_up, now + per_call)
         attempt = 0
         while True:
             try:
-                return fn(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+                deadline = min(per_call, max(end - time.monotonic(), 0.001))
+                return fn(request, timeout=deadline, metadata=self.metadata)
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
             pause = min(self.backoff * 2**attempt, 2.0)
