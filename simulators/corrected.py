@@ -23,7 +23,8 @@ Modes (``MODES``):
 no episode clock, no imagination): that is how a gymnasium next-step autoreset returns an env's
 fresh initial state without advancing it.
 
-Torch (the WM) and the engine (MuJoCo C arrays or JAX) meet here through float64 numpy arrays; when
+``step`` is ``begin`` -> ``compute`` -> ``combine`` -> ``finish``; ``services.batcher`` runs ``compute`` for many
+simulators at once. Torch (the WM) and the engine (MuJoCo C arrays or JAX) meet here through float64 numpy arrays; when
 a JAX engine runs on a GPU and the world model on CUDA (``device_path``), a blend step stays on the
 device instead: the engine's next states reach torch through DLPack, and only the result is copied out.
 Episodes are truncated at ``task.episode_length``; they terminate early only if a corrected state
@@ -99,6 +100,22 @@ class StepResult:
     window: ImaginationWindow | None
 
 
+@dataclass
+class PendingStep:
+    """A step between ``begin`` and ``finish``: the rows the world model and the engine must compute.
+
+    ``step`` computes them alone; ``services.batcher`` computes those of many simulators in one call each.
+    """
+
+    states: np.ndarray                  # [B, S] before the step
+    actions: np.ndarray                 # [B, A] clipped
+    held: np.ndarray                    # [B] bool
+    wm_states: np.ndarray | None        # world-model rows: [s; imagined] (f < 1) or imagined
+    wm_actions: np.ndarray | None
+    engine: bool                        # whether the engine steps (states, actions)
+    ground: np.ndarray | None = None    # reground: [B] envs replaced by the engine's step
+
+
 class CorrectedSimulator:
     """Batched reset/step combining a world model with a physics engine at fidelity f."""
 
@@ -157,22 +174,14 @@ class CorrectedSimulator:
     def states(self) -> np.ndarray:
         return self._states
 
-    def _correct(self, s: np.ndarray, a: np.ndarray, wm_next: np.ndarray | None) -> np.ndarray:
+    def _correct(self, p: PendingStep, wm_next: np.ndarray | None, engine_next: np.ndarray | None) -> np.ndarray:
         """The corrected next state of every env."""
         f = self.fidelity
-        if self.mode == "blend":
-            if f == 1.0:
-                return self.engine.step_vectors(s, a)
-            if f == 0.0:
-                return wm_next
-            return wm_next + f * (self.engine.step_vectors(s, a) - wm_next)
         if f == 1.0:
-            return self.engine.step_vectors(s, a)
-        ground = (self._t + 1) % self.reground_every == 0 if self.reground_every else np.zeros(len(s), bool)
-        if not ground.any():
-            return wm_next
-        engine_next = self.engine.step_vectors(s, a)  # full batch: keeps JAX engines at one compiled shape
-        return np.where(ground[:, None], engine_next, wm_next)
+            return engine_next
+        if self.mode == "blend":
+            return wm_next if f == 0.0 else wm_next + f * (engine_next - wm_next)
+        return wm_next if engine_next is None else np.where(p.ground[:, None], engine_next, wm_next)
 
     def _blend_on_device(self, rows: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``blend`` with both models on their device: one world-model call for the correction and the imagination,
@@ -185,26 +194,52 @@ class CorrectedSimulator:
         s1 = pred[:B] + self.fidelity * (engine_next - pred[:B])
         return s1.cpu().numpy(), pred[B:].cpu().numpy()
 
-    def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepResult:
-        """Advance every env not in ``hold`` one step; finished envs are reset inside this step."""
+    def begin(self, actions: np.ndarray, hold: np.ndarray | None = None) -> PendingStep:
+        """Check the actions and say what the world model and the engine must compute for this step."""
         if self._states is None:
             raise RuntimeError("call reset() before step()")
-        B, H = self.num_envs, self.horizon
-        s = self._states
+        B, s, f = self.num_envs, self._states, self.fidelity
         a = self.engine.check_actions(actions, B)
         held = np.zeros(B, bool) if hold is None else np.asarray(hold, bool).reshape(-1)
         if held.shape != (B,):
             raise ValueError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
-        live = ~held
         # One WM call for both the correction (from s) and the imagination (from the imagined state).
-        need_wm = self.fidelity < 1.0
+        need_wm = f < 1.0
         rows = np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
+        ground = None
+        if f == 1.0 or (self.mode == "blend" and f > 0.0):
+            engine = True
+        elif self.mode == "blend":
+            engine = False
+        else:  # reground: the full batch when any env grounds (keeps JAX engines at one compiled shape)
+            ground = (self._t + 1) % self.reground_every == 0 if self.reground_every else np.zeros(B, bool)
+            engine = bool(ground.any())
+        return PendingStep(s, a, held, rows, np.concatenate([a, a]) if need_wm else a, engine, ground)
+
+    def compute(self, p: PendingStep) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The world model's and the engine's next states of ``p``'s rows, this simulator alone."""
+        wm = None if p.wm_states is None else self.world_model.step(p.wm_states, p.wm_actions)
+        return wm, (self.engine.step_vectors(p.states, p.actions) if p.engine else None)
+
+    def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepResult:
+        """Advance every env not in ``hold`` one step; finished envs are reset inside this step."""
+        p = self.begin(actions, hold)
         if self.device_blend and self.mode == "blend" and 0.0 < self.fidelity < 1.0:
-            s1, imagined_next = self._blend_on_device(rows, a)
-        else:
-            pred = self.world_model.step(rows, np.concatenate([a, a]) if need_wm else a)
-            wm_next, imagined_next = (pred[:B], pred[B:]) if need_wm else (None, pred)
-            s1 = self._correct(s, a, wm_next)
+            return self.finish(p, *self._blend_on_device(p.wm_states, p.actions))
+        return self.finish(p, *self.combine(p, *self.compute(p)))
+
+    def combine(self, p: PendingStep, wm_out: np.ndarray | None, engine_next: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(corrected next states, next imagined states) from the computed rows of ``p``."""
+        B = len(p.states)
+        wm_next, imagined_next = (wm_out[:B], wm_out[B:]) if self.fidelity < 1.0 else (None, wm_out)
+        return self._correct(p, wm_next, engine_next), imagined_next
+
+    def finish(self, p: PendingStep, s1: np.ndarray, imagined_next: np.ndarray) -> StepResult:
+        """Hold, terminate, reward, record the imagination and auto-reset: the rest of ``step``."""
+        H = self.horizon
+        s, a, held = p.states, p.actions, p.held
+        live = ~held
         if held.any():
             s1 = np.where(held[:, None], s, s1)
             imagined_next = np.where(held[:, None], self._imagined_state, imagined_next)
