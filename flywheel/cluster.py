@@ -142,6 +142,15 @@ def server_nodes(cfg: FlywheelConfig) -> list[str]:
                         alive_nodes(), ray.get_runtime_context().get_node_id())
 
 
+def check_ports(port: int, nodes: list[str]) -> None:
+    """A fixed ``service.port`` allows one server per node; ``ConfigError`` when the plan puts more on one."""
+    crowded = sorted({n for n in nodes if nodes.count(n) > 1})
+    if port and crowded:
+        raise ConfigError(f"config key 'service.port' is {port}, but {nodes.count(crowded[0])} servers go to node "
+                          f"{crowded[0][:8]} and cannot all bind it; allowed: service.port=0 (a free port each), or "
+                          f"one server per node (service.servers_per_node=1, or self_play.num_servers <= the nodes)")
+
+
 def stage(nodes: list[str], world_model: Path | None) -> list[Placement]:
     """Each server's ``Placement``: pinned to its node; away from the driver's node it records into a fresh
     staging directory there and gets the world model as bytes (one object for all of them)."""

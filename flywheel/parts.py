@@ -51,6 +51,7 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
     nodes = cluster.server_nodes(cfg)
     raw, wm, stride = ctx.store.raw_dir(ctx.lap), ctx.wm_path(ctx.lap - 1), EPISODE_STRIDE // max(16, len(nodes))
     base = cluster.server_config(cfg)
+    cluster.check_ports(base.port, nodes)
     configs = [replace(base, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
                        world_model_path=str(wm), trajectory_dir=str(raw), lap=ctx.lap,
                        episode_offset=(ctx.lap + 1) * EPISODE_STRIDE + i * stride, seed=cfg.seed, reward=cfg.rewards)

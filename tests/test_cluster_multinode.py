@@ -8,6 +8,7 @@ own tables (the GCS actor table and task events), not from what the flywheel say
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_two_smoke_laps_on_three_nodes(ray_cluster, token_file, tmp_path):
     by_pid = {a["Pid"]: a["Address"]["NodeID"] for a in servers}
     runners_by_pid = {a["Pid"]: a["Address"]["NodeID"] for a in _actors("FlywheelEnvRunner")}
     for lap in (0, 1):
-        record = __import__("json").loads((run_dir / "laps" / f"lap_{lap:03d}" / "placement.json").read_text())
+        record = json.loads((run_dir / "laps" / f"lap_{lap:03d}" / "placement.json").read_text())
         assert len(record["servers"]) == 2 and all(not s["address"].startswith("127.") for s in record["servers"])
         server_node = {s["address"]: by_pid[s["pid"]] for s in record["servers"]}     # Ray's word, by pid
         assert set(server_node.values()) == gpu_nodes

@@ -45,6 +45,13 @@ def test_placement_without_a_fitting_node_names_what_is_missing():
         plan_servers("anywhere", 1, 1, 0.0, NODES)
 
 
+def test_a_fixed_port_allows_one_server_per_node():
+    cluster.check_ports(0, ["a", "a"])
+    cluster.check_ports(50051, ["a", "b"])
+    with pytest.raises(ConfigError, match=r"'service.port' is 50051, but 2 servers go to node a.*service.port=0"):
+        cluster.check_ports(50051, ["a", "b", "a"])
+
+
 def test_runners_prefer_their_own_nodes_server_and_spread_otherwise():
     addrs, nodes = ["a:1", "b:1", "c:1"], ["n1", "n2", "n2"]
     assert server_order(addrs, nodes, "n1", 5) == ["a:1", "b:1", "c:1"]
