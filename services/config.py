@@ -33,6 +33,7 @@ class ServerConfig:
     max_elements: int = 4_194_304                   # largest B*H*S of one request (and of a session's windows)
     max_message_mb: int = 256                       # gRPC send and receive limit
     workers: int = 8                                # gRPC handler threads (a StreamStep holds one while open)
+    coalesce_wait_ms: float = 0.0                   # Step calls of sessions within this wait share one engine and WM call; 0 = off
     torch_threads: int = 0                          # torch intra-op threads in the server; 0 = torch's default
     max_sessions: int = 64
     session_idle_s: float = 600.0                   # the lease: a session without a call for this long is closed
@@ -64,6 +65,8 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.flush_seconds must be in (0, 3600], got {self.flush_seconds!r}")
         if not 0 < float(self.session_idle_s) <= 7 * 86400:
             raise ValueError(f"ServerConfig.session_idle_s must be in (0, 604800] seconds, got {self.session_idle_s!r}")
+        if not 0.0 <= float(self.coalesce_wait_ms) <= 100.0:
+            raise ValueError(f"ServerConfig.coalesce_wait_ms must be in [0, 100], got {self.coalesce_wait_ms!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("ServerConfig.tls_cert_file and tls_key_file go together: give both (PEM files) or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:

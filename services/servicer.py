@@ -18,6 +18,7 @@ import threading
 import grpc
 import numpy as np
 
+from services.batcher import StepBatcher
 from services.codec import CodecError, decode_float, encode
 from services.config import ServerConfig
 from services.engines import EnginePool
@@ -64,6 +65,8 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self.config = config
         self.models = ModelStore(config, world_model)
         self.engines = EnginePool(config.engine, config.engine_params, config.idle_engines)
+        wait = float(config.coalesce_wait_ms)   # Step calls of many sessions computed together (0: off)
+        self.batcher = StepBatcher(wait / 1e3) if wait > 0 else None
         self.leases = Leases(config.max_sessions, config.session_idle_s, self._close)
         self.max_streams = max(0, int(config.workers) - 1)   # one handler thread stays free for unary calls and probes
         self._lock = threading.Lock()
@@ -88,7 +91,9 @@ class SimulatorService(pb_grpc.SimulatorServicer):
             return self.config.episode_offset + block * EPISODE_BLOCK
 
     def _open(self, request: SessionRequest) -> SimSession:
-        return open_session(self.config, self.models, request, self._episode_offset, self.incarnation, self.engines)
+        session = open_session(self.config, self.models, request, self._episode_offset, self.incarnation, self.engines)
+        session.batcher = self.batcher
+        return session
 
     def check(self) -> None:
         """Open, reset and close a one-env session of the configured task: raises what a client would be answered."""

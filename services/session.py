@@ -163,6 +163,7 @@ class SimSession:
         self.lock = threading.Lock()
         self.closed = False
         self._release = release
+        self.batcher = None              # a services.batcher.StepBatcher: steps computed with other sessions'
         self._seq, self._cached, self._cached_key, self._started = 0, None, b"", False
 
     # -- in-process ----------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class SimSession:
         if not self._started:
             raise ServiceError("FAILED_PRECONDITION", f"session {self.id}: call Reset before Step")
         self.recorder.check()
-        r = self.sim.step(actions, hold)
+        r = self.sim.step(actions, hold) if self.batcher is None else self.batcher.step(self.sim, actions, hold)
         grades = grade_step(r, self.engine, self.scale, self.reward_config)
         done = np.asarray(r.terminated) | np.asarray(r.truncated)
         live = slice(None) if hold is None or not np.any(hold) else ~np.asarray(hold, bool)

@@ -1,0 +1,139 @@
+"""StepBatcher: sessions stepped together (one world-model call, one engine call) get exactly what they get
+stepped alone: step results, grades and recorded shards, bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from services.batcher import StepBatcher
+from services.config import ServerConfig
+from services.models import ModelStore
+from services.session import SessionRequest, open_session
+from simulators.dataset import TransitionDataset
+
+CASES = [(1, 0.5, "blend"), (7, 0.5, "blend"), (64, 0.2, "reground"), (16, 1.0, "blend"), (5, 0.0, "blend")]
+STEPS = 105   # past the pendulum's and cartpole's episode length: auto-resets included
+
+
+def open_all(tmp_path, task: str, world_model=None):
+    config = ServerConfig(task=task, engine="mujoco", trajectory_dir=str(tmp_path), flush_every=50)
+    models = ModelStore(config, world_model)
+    offsets = itertools.count()
+    sessions = [open_session(config, models, SessionRequest(task, n, f, mode, seed=i), lambda: next(offsets) * 2**32)
+                for i, (n, f, mode) in enumerate(CASES)]
+    for s in sessions:
+        s.restart()
+    return sessions, models.get()
+
+
+def inputs(sessions) -> list[list[tuple[np.ndarray, np.ndarray | None]]]:
+    """Per step, per session: actions (some out of bounds, clipped) and a hold mask on some steps."""
+    rng = np.random.default_rng(7)
+    out = []
+    for t in range(STEPS):
+        row = []
+        for s in sessions:
+            a = rng.uniform(-1.5, 1.5, (s.num_envs, len(s.info.action_low)))
+            hold = rng.random(s.num_envs) < 0.2 if t % 4 == 3 else None
+            row.append((a, hold))
+        out.append(row)
+    return out
+
+
+def run_alone(sessions, steps):
+    return [[s.advance(a, hold) for s, (a, hold) in zip(sessions, row, strict=True)] for row in steps]
+
+
+def run_coalesced(sessions, steps, batcher: StepBatcher):
+    results = [[None] * len(sessions) for _ in steps]
+    barrier = threading.Barrier(len(sessions))
+    errors = []
+
+    def worker(i: int) -> None:
+        try:
+            sessions[i].batcher = batcher
+            for t, row in enumerate(steps):
+                barrier.wait()
+                results[t][i] = sessions[i].advance(*row[i])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(sessions))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def assert_same(x, y, where: str) -> None:
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        assert np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True), where
+        assert np.asarray(x).dtype == np.asarray(y).dtype, where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}.{k}")
+    elif hasattr(x, "__dict__"):
+        for k in vars(x):
+            assert_same(getattr(x, k), getattr(y, k), f"{where}.{k}")
+    else:
+        assert x == y, where
+
+
+def recorded(session) -> TransitionDataset:
+    session.close()
+    return TransitionDataset.concat([TransitionDataset.load(p) for p in session.recorder.shards])
+
+
+@pytest.mark.parametrize("task", ["pendulum", "cartpole"])
+def test_coalesced_steps_equal_steps_alone(tmp_path, task):
+    alone, wm = open_all(tmp_path / "alone", task)
+    together, _ = open_all(tmp_path / "together", task, world_model=wm)
+    steps = inputs(alone)
+    batcher = StepBatcher(max_wait_s=1.0)
+    want = run_alone(alone, steps)
+    got = run_coalesced(together, steps, batcher)
+    for t in range(STEPS):
+        for i in range(len(CASES)):
+            (r0, g0), (r1, g1) = want[t][i], got[t][i]
+            assert_same(r0, r1, f"step {t} session {i} result")
+            assert_same(g0, g1, f"step {t} session {i} grades")
+    assert any(r.window is not None for row in got for r, _ in row)
+    for a, b in zip(alone, together, strict=True):
+        da, db = recorded(a), recorded(b)
+        assert len(da) == len(db) > 0
+        assert_same({k: v for k, v in vars(da).items() if k != "meta"}, {k: v for k, v in vars(db).items() if k != "meta"},
+                    "recorded")
+    # sessions were computed together: fewer world-model and engine calls than steps
+    assert batcher.stats.steps == STEPS * len(CASES)
+    assert batcher.stats.wm_calls < batcher.stats.steps
+    assert batcher.stats.batches < batcher.stats.steps
+
+
+def test_bad_actions_fail_only_their_caller(tmp_path):
+    sessions, _ = open_all(tmp_path, "pendulum")
+    batcher = StepBatcher(max_wait_s=0.05)
+    bad = np.full((sessions[1].num_envs, 1), np.nan)
+    with pytest.raises(ValueError, match="non-finite action"):
+        sessions[1].batcher = batcher
+        sessions[1].advance(bad)
+    sessions[0].batcher = batcher
+    r, grades = sessions[0].advance(np.zeros((sessions[0].num_envs, 1)))
+    assert np.isfinite(r.next_states).all() and np.isfinite(grades["total"]).all()
+    for s in sessions:
+        s.close()
+
+
+def test_max_wait_is_checked():
+    with pytest.raises(ValueError, match="max_wait_s"):
+        StepBatcher(max_wait_s=-1)
+    with pytest.raises(ValueError, match="coalesce_wait_ms"):
+        ServerConfig(coalesce_wait_ms=500)
