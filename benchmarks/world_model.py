@@ -53,21 +53,27 @@ def step_table(args, config: WorldModelConfig) -> None:
     spec = engine.spec
     wm = WorldModel(args.task, spec.state_size, spec.action_size, config)  # cost does not depend on the weights
     rng = np.random.default_rng(0)
-    print(f"\nCorrected simulator step vs raw engine step ({engine.name}, {args.task}); ratio = time / engine time")
+    print(f"\nCorrected simulator step vs raw engine step ({engine.name}, {args.task}); ratio = time / engine time, "
+          f"each the median of {args.rounds} interleaved rounds; f=0.5 ms: one blend step with imagination")
     print(f"{'batch':>6} {'engine ms':>9} {'WM ms':>7} {'f=0 sim':>8} {'f=0.5 blend':>11} "
-          f"{'f=0.2 reground':>14} {'f=1 sim':>8}")
+          f"{'f=0.2 reground':>14} {'f=1 sim':>8} {'f=0.5 ms':>9}")
     for b in (int(x) for x in args.batches.split(",")):
         s = engine.to_vector(engine.reset(0, b))
         a = rng.uniform(spec.action_low, spec.action_high, (b, spec.action_size))
         t_engine = per_call(lambda s=s, a=a: engine.step_vectors(s, a))
         t_wm = per_call(lambda s=s, a=a: wm.step(s, a))
-        ratios = []
+        sims = {}
         for f, mode in ((0.0, "blend"), (0.5, "blend"), (0.2, "reground"), (1.0, "blend")):
-            sim = CorrectedSimulator(args.task, wm, engine, f, mode=mode, num_envs=b)
-            sim.reset()
-            ratios.append(per_call(lambda sim=sim, a=a: sim.step(a)) / t_engine)
-        print(f"{b:>6} {t_engine * 1e3:>9.2f} {t_wm * 1e3:>7.2f} {ratios[0]:>7.2f}x {ratios[1]:>10.2f}x "
-              f"{ratios[2]:>13.2f}x {ratios[3]:>7.2f}x")
+            sims[(f, mode)] = CorrectedSimulator(args.task, wm, engine, f, mode=mode, num_envs=b)
+            sims[(f, mode)].reset()
+        rounds = []
+        for _ in range(args.rounds):   # interleaved with the engine: the machine is shared and noisy
+            t_engine = per_call(lambda s=s, a=a: engine.step_vectors(s, a))
+            rounds.append([per_call(lambda sim=sim, a=a: sim.step(a)) / t_engine for sim in sims.values()]
+                          + [t_engine, per_call(lambda sim=sims[(0.5, "blend")], a=a: sim.step(a))])
+        ratios = np.median(np.asarray(rounds), axis=0)
+        print(f"{b:>6} {ratios[4] * 1e3:>9.2f} {t_wm * 1e3:>7.2f} {ratios[0]:>7.2f}x {ratios[1]:>10.2f}x "
+              f"{ratios[2]:>13.2f}x {ratios[3]:>7.2f}x {ratios[5] * 1e3:>9.3f}")
 
 
 def main() -> None:
@@ -75,7 +81,8 @@ def main() -> None:
     p.add_argument("--task", default="pendulum")
     p.add_argument("--engine", default="auto")
     p.add_argument("--sizes", default="5000,20000,50000")
-    p.add_argument("--batches", default="64,1024,4096")
+    p.add_argument("--batches", default="1,64,1024,4096")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each ratio; the median is printed")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--hidden", type=int, default=WorldModelConfig.hidden_size)
     p.add_argument("--layers", type=int, default=WorldModelConfig.num_layers)
