@@ -88,13 +88,13 @@ def _load_world_model(path: str):
 class SimulatorServerActor:
     """One simulator server in a Ray actor."""
 
-    def __init__(self, config: ServerConfig, staging: str = "", world_model: list | None = None):
+    def __init__(self, config: ServerConfig, staging: str = ""):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         from services.server import serve
 
         self._staging = staging_dir(staging) if staging else None
         if self._staging is not None:
-            config = _stage(config, self._staging, world_model)
+            config = _stage(config, self._staging)
         self._recordings = Path(config.trajectory_dir) if config.trajectory_dir else None
         model = _load_world_model(config.world_model_path) if config.world_model_path and \
             Path(config.world_model_path).is_file() else None
@@ -140,20 +140,12 @@ class SimulatorServerActor:
             shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def _stage(config: ServerConfig, directory: Path, world_model: list | None) -> ServerConfig:
-    """``config`` recording into ``directory/raw`` and serving ``world_model[0]`` (bytes or a ref to them) from
-    ``directory``; a restarted incarnation finds the file its first one wrote."""
+def _stage(config: ServerConfig, directory: Path) -> ServerConfig:
+    """``config`` recording into ``directory/raw`` and serving the world model staged there (``prepare``)."""
     directory.mkdir(parents=True, exist_ok=True)
     changes: dict = {"trajectory_dir": str(directory / "raw") if config.trajectory_dir else None}
-    blob = (world_model or [None])[0]
-    if blob is not None:
-        path = directory / WM_FILE
-        if not path.is_file():
-            from simulators.dataset import atomic_write
-
-            data = ray.get(blob) if isinstance(blob, ray.ObjectRef) else blob
-            atomic_write(path, lambda f: f.write(data))
-        changes["world_model_path"] = str(path)
+    if (directory / WM_FILE).is_file():
+        changes["world_model_path"] = str(directory / WM_FILE)
     return dataclasses.replace(config, **changes)
 
 
@@ -169,12 +161,21 @@ def _pinned(node_id: str) -> Any:
     return NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else "DEFAULT"
 
 
-def free_port_on(node_id: str, host: str) -> int:
-    """``free_port`` on Ray node ``node_id`` (this process's own node needs no task)."""
-    if not node_id or node_id == ray.get_runtime_context().get_node_id():
+def prepare(host: str, staging: str = "", world_model: bytes | None = None) -> int:
+    """On an actor's node before it starts: stage its world model (``staging``), and return a free port for ``host``."""
+    if staging and world_model is not None:
+        from simulators.dataset import atomic_write
+
+        atomic_write(staging_dir(staging) / WM_FILE, lambda f: f.write(world_model))
+    return free_port(host)
+
+
+def _prepare_on(p: Placement, host: str) -> Any:
+    """``prepare`` here (this node, nothing staged: the port itself) or as a task pinned to ``p.node_id`` (a ref)."""
+    if not p.staging and (not p.node_id or p.node_id == ray.get_runtime_context().get_node_id()):
         return free_port(host)
-    task = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=_pinned(node_id), max_retries=0)
-    return int(ray.get(task.remote(host), timeout=120))
+    task = ray.remote(prepare).options(num_cpus=0, scheduling_strategy=_pinned(p.node_id), max_retries=0)
+    return task.remote(host, p.staging, p.world_model)
 
 
 def start_server_actors(configs: list[ServerConfig], placements: list[Placement] | None = None,
@@ -182,19 +183,24 @@ def start_server_actors(configs: list[ServerConfig], placements: list[Placement]
     """Start one restartable actor per config (GPU where ``num_gpus`` asks, on its ``Placement``) and wait until each serves.
 
     A config with ``port=0`` gets a port that is free on the actor's node first, so that a restarted
-    actor binds the same one. Returns ``(actors, addresses)``.
+    actor binds the same one; a staged actor's world model is written on its node before it starts (the
+    actor gets no object-store arguments, and a restart finds the file). Returns ``(actors, addresses)``.
     """
     placements = list(placements) if placements is not None else [Placement() for _ in configs]
     if len(placements) != len(configs):
         raise ValueError(f"start_server_actors: {len(configs)} configs but {len(placements)} placements; give one each")
-    configs = [c if c.port else dataclasses.replace(c, port=free_port_on(p.node_id, c.host))
-               for c, p in zip(configs, placements)]
+    if any(p.staging and not p.node_id for p in placements):
+        raise ValueError("start_server_actors: a Placement with staging needs its node_id (the staging directory is "
+                         "on that node's disk)")
+    ready = [_prepare_on(p, c.host) for c, p in zip(configs, placements)]
+    ports = [r if isinstance(r, int) else ray.get(r, timeout=timeout_s) for r in ready]
+    configs = [c if c.port else dataclasses.replace(c, port=port) for c, port in zip(configs, ports)]
     actors = []
     try:
         for c, p in zip(configs, placements):
             options = {"num_gpus": c.num_gpus or None, "max_restarts": int(c.max_restarts),
                        "max_task_retries": -1 if c.max_restarts else 0, "scheduling_strategy": _pinned(p.node_id)}
-            args = (c, p.staging, [p.world_model]) if p.staging else (c,)     # a nested ref: fetched once, kept on disk
+            args = (c, p.staging) if p.staging else (c,)
             actors.append(SimulatorServerActor.options(**options).remote(*args))
         addresses = ray.get([a.address.remote() for a in actors], timeout=timeout_s)
     except BaseException:
