@@ -173,3 +173,40 @@ def test_a_shard_that_cannot_be_copied_is_a_recording_error(tmp_path):
     blocked.write_text("a file where the directory should be")
     with pytest.raises(RecordingError, match=r"blocked/.*\.npz"):
         stop_server_actors(actors, collect=[blocked / "raw"])
+
+
+def test_a_restarted_staged_server_keeps_what_its_dead_incarnation_recorded(tmp_path):
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from policies.rllib_adapter import init_ray
+    from services.client import SimulatorClient
+    from services.server_actor import Placement, staging_dir, start_server_actors, stop_server_actors
+
+    init_ray(2)
+    name = f"test-restart-{tmp_path.name}"
+    config = ServerConfig(task="pendulum", engine="mujoco", trajectory_dir="/nowhere/raw", flush_seconds=0.2)
+    actors, addresses = start_server_actors([config], [Placement(ray.get_runtime_context().get_node_id(), name)])
+    with SimulatorClient(addresses[0]) as client:
+        session = client.create_session("pendulum", 2, fidelity=1.0)
+        session.reset()
+        session.step(np.zeros((2, 1), np.float32))
+        session.reset()                                      # the abandoned episodes are written promptly
+    raw = staging_dir(name) / "raw"
+    deadline = time.monotonic() + 60
+    while not list(raw.glob("*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = {p.name for p in raw.glob("*.npz")}
+    assert first
+    os.kill(ray.get(actors[0].pid.remote()), signal.SIGKILL)
+    with SimulatorClient(addresses[0], timeout=120) as client:   # the new incarnation, same node and port
+        session = client.create_session("pendulum", 2, fidelity=1.0)
+        session.reset()
+        session.step(np.ones((2, 1), np.float32))
+    dest = tmp_path / "raw"
+    reports = stop_server_actors(actors, collect=[dest])
+    names = {p.name for p in dest.glob("*.npz")}
+    assert reports[0]["incarnation"] == 1 and first < names and not staging_dir(name).exists()
