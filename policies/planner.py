@@ -31,9 +31,9 @@ class PlannerConfig:
 
     method: str = "cem"              # cem | mppi
     horizon: int = 15                # planning horizon in steps (>= the imagination window when replan=window)
-    candidates: int = 128            # action sequences per env per iteration
-    iterations: int = 4              # refinements of the sampling distribution per plan
-    elites: int = 16                 # CEM: best candidates the distribution is refitted to
+    candidates: int = 64             # action sequences per env per iteration
+    iterations: int = 3              # refinements of the sampling distribution per plan
+    elites: int = 8                  # CEM: best candidates the distribution is refitted to
     temperature: float = 0.5         # MPPI: softmax temperature over returns (in reward units)
     init_std: float = 0.5            # initial sampling std, as a fraction of the half action range
     min_std: float = 0.05            # floor of the sampling std (same units)

@@ -10,11 +10,12 @@
     trainer.stop()
 
 The same interface as ``policies.PolicyTrainer`` (PPO), so a lap runs either. Worker ``i`` opens a
-``services.RemoteVectorEnv`` session on ``addresses[i % len(addresses)]`` (the others as fallbacks), like a
-PPO EnvRunner, and plans with the world-model file the servers serve: its version must equal the
-session's, so the agent's imagination is the one the service grades. Nothing is learned between
-laps except the world model; ``weights_digest`` covers the planner's settings, the world model and any
-warm-start policy, and every worker reports the digest of what it holds.
+``services.RemoteVectorEnv`` session on a server of its own Ray node when there is one, else on
+``addresses[i % len(addresses)]`` (the others as fallbacks), like a PPO EnvRunner, and plans with the
+world-model file the servers serve: its version must equal the session's, so the agent's imagination
+is the one the service grades. Nothing is learned between laps except the world model;
+``weights_digest`` covers the planner's settings, the world model and any warm-start policy, and every
+worker reports the digest of what it holds.
 """
 
 from __future__ import annotations
@@ -114,29 +115,31 @@ class PlannerWorker:
 
 
 def _open_env(env: EnvConfig, num_envs: int, index: int):
-    """A ``RemoteVectorEnv`` on worker ``index``'s server, trying the others if it does not answer."""
+    """A ``RemoteVectorEnv`` on worker ``index``'s server (one on its own node first), trying the others if it
+    does not answer, with the servers' token and TLS root certificate."""
     from services.vector_env import RemoteVectorEnv
 
-    order = env.addresses[index % len(env.addresses):] + env.addresses[: index % len(env.addresses)]
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     errors = []
-    for address in order:
+    for address in env.server_order(node, index):
         try:
             return RemoteVectorEnv(address, env.task, num_envs, fidelity=env.fidelity, mode=env.mode,
                                    seed=env.seed + 1000 * index, reward_weights=env.reward_weights or None,
                                    horizon=env.horizon, world_model_version=env.world_model_version,
-                                   streaming=env.streaming, timeout=env.timeout_s)
+                                   streaming=env.streaming, timeout=env.timeout_s, **env.credentials())
         except Exception as exc:  # noqa: BLE001 - try the next server, report all if none answers
             errors.append(f"{address}: {exc}")
     raise ConnectionError("no simulator server accepted a planner session:\n" + "\n".join(errors))
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """A local ``ray.init`` (project root on the workers' path) unless Ray is already running."""
+    """A new local Ray on this machine's cores (project root on the workers' path) unless Ray is already running
+    in this process; a cluster is joined by calling ``ray.init(address=...)`` first (the flywheel does)."""
     if ray.is_initialized():
         return
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 

@@ -25,7 +25,7 @@ SMALL = ["preset=smoke", "laps=2", "engine.name=mujoco", "reality.engine=mujoco"
     (["agent.kind=dreamer"], "config key 'agent.kind' is 'dreamer'; allowed: ppo, planner"),
     (["agent.kind=planner", "agent.horizon=3"],
      r"'agent.horizon' \(3\) is shorter than the imagination window 'simulator.horizon' \(5\)"),
-    (["agent.elites=200"], r"section 'agent': agent.elites \(200\) must be <= candidates \(128\)"),
+    (["agent.elites=200"], r"section 'agent': agent.elites \(200\) must be <= candidates \(64\)"),
     (["agent.method=ilqr"], "agent.method is 'ilqr'; allowed: cem, mppi"),
     (["agent.kind=planner", "agent.warm_start=/nonexistent/policy.pt"], "'agent.warm_start' .* is not a file"),
     (["agent.kind=planner", "task=lift"], "cannot plan task 'lift'.*allowed: agent.kind=ppo"),
