@@ -95,7 +95,8 @@ def build_rllib_config(ppo: PPOConfig, env: EnvConfig) -> RLlibPPOConfig:
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, include_dashboard: bool = False) -> None:
-    """``ray.init`` once per process: a cluster at ``address``, else this machine's cores (no dashboard).
+    """``ray.init`` once per process: a cluster at ``address``, else a new local Ray on this machine's cores
+    (never a cluster that happens to run on this machine; no dashboard).
 
     Every worker gets the project on its path and RLlib's switch that keeps JAX out of it.
     """
@@ -107,7 +108,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, include_da
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 1), **kwargs)
 
 
 def _worker_pythonpath() -> str:
