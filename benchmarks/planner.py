@@ -4,6 +4,7 @@
     python -m benchmarks.planner --tasks pendulum --seeds 2     # one task, fewer seeds
     python -m benchmarks.planner --quick                        # pendulum, 2 laps x 2 seeds, smoke budgets
     python -m benchmarks.planner --tasks cartpole self_play.iterations=1   # extra overrides go to every run
+    python -m benchmarks.planner --replan 2000 8000     # the planner alone in reality: replan=window vs step
 
 Per task, one ``flywheel sweep --grid agent.kind=ppo,planner`` (same seeds, same budgets: the planner
 samples as many env steps per lap as PPO does). Printed per task, agent and lap: reality success and
@@ -11,6 +12,8 @@ return, mean [95% bootstrap CI] over seeds. Compute: the self-play wall-clock pe
 served simulator with its grading, plus PPO's learning or the planner's planning) from the lap
 metrics, and the acting cost alone measured here: the last lap's policy run on a batch of 16 reality
 envs for one episode, one torch thread (PPO: an MLP forward; the planner: its search).
+``--replan`` measures instead what committing to each imagination window (so that the plan is what is
+graded) costs against replanning every step, with world models of a given amount of seed data.
 """
 
 from __future__ import annotations
@@ -59,6 +62,36 @@ def acting_ms_per_step(policy_path: Path, task: str, envs: int = 16) -> float:
     return 1000 * spent / (envs * reality.task.episode_length)
 
 
+def replan_rows(task: str, transitions: int, episodes: int = 32) -> list[str]:
+    """The planner alone in reality, committing to each window vs replanning every step, with a world model
+    (the run's default architecture) fitted on ``transitions`` random reality transitions."""
+    import torch
+
+    from flywheel.config import load_config
+    from policies.evaluate import evaluate
+    from policies.planner import Planner, PlannerConfig
+    from policies.planner_policy import PlannerPolicy
+    from simulators.reality import Reality
+    from simulators.world_model import WorldModel
+
+    torch.set_num_threads(1)
+    cfg = load_config([f"task={task}"])
+    reality = Reality(task, engine="mujoco")
+    data = reality.collect(None, n_steps=transitions, n_envs=16, seed=0)
+    wm = WorldModel(task, reality.spec.state_size, reality.spec.action_size, cfg.world_model)
+    fit = wm.fit(data)
+    rows = []
+    for replan in ("window", "step"):
+        planner = Planner(wm, PlannerConfig.from_object({**vars(cfg.agent), "replan": replan}),
+                          reality.spec.action_low, reality.spec.action_high)
+        policy = PlannerPolicy(planner, cfg.simulator.horizon, reality.task.episode_length)
+        ev = evaluate(policy, reality, episodes=episodes, seed=1)
+        steps = ev["episodes"] * reality.task.episode_length
+        rows.append(f"| {task} | {transitions:,} | {fit['holdout_mse']:.2g} | {replan} | {ev['success_rate']:.2f} | "
+                    f"{ev['return_mean']:.1f} | {1000 * policy.plan_seconds / steps:.2f} |")
+    return rows
+
+
 def summarise(sweep_dir: Path, task: str) -> tuple[list[str], list[str]]:
     """Lines of the success table and of the compute table for one task's sweep."""
     import json
@@ -93,7 +126,18 @@ def main() -> None:
     p.add_argument("--laps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="pendulum, 2 laps x 2 seeds on the smoke budgets")
     p.add_argument("--run-dir", default=None, help="parent directory of the sweeps (existing ones are continued)")
+    p.add_argument("--replan", nargs="*", type=int, metavar="TRANSITIONS",
+                   help="instead of the sweeps: the planner alone in reality, replan=window vs step, with world models "
+                        "fitted on these numbers of random transitions (default 4000 8000)")
     args = p.parse_args()
+    if args.replan is not None:
+        rows = ["| task | seed transitions | WM held-out MSE | replan | reality success | return | plan ms / env step |",
+                "|---|---:|---:|---|---:|---:|---:|"]
+        for task in args.tasks:
+            for n in args.replan or [4000, 8000]:
+                rows += replan_rows(task, n)
+        print("\n".join(rows))
+        return
     tasks, seeds, laps, extra = args.tasks, args.seeds, args.laps, list(args.overrides)
     if args.quick:
         tasks, seeds, laps, extra = ["pendulum"], 2, 2, ["preset=smoke", *extra]

@@ -5,11 +5,13 @@
     a = plan.actions[:, 0]                  # act on the plan (``policies.planner_policy`` commits to a window)
 
 Every candidate sequence of every env is rolled out open loop through the world model's ensemble
-mean in one batch per step (``B x candidates`` rows) and scored by the task's dense reward, minus an
-optional penalty on the ensemble's predictive spread. The chosen plan's ``imagined`` trajectory is
-``wm.imagine(states, plan.actions)``: exactly the open-loop prediction the simulator service grades
-for the same start and actions. A warm-start policy (a PPO ``TorchPolicy``) is rolled closed loop
-through the world model to give the initial mean that the search refines (and a candidate itself).
+mean in one batch per step (``B x candidates`` rows) and scored by the task's dense reward plus a
+bonus for every step in the task's success region (success is a trailing run of such steps, and the
+dense reward alone barely tells the region's edge apart), minus an optional penalty on the ensemble's
+predictive spread. The chosen plan's ``imagined`` trajectory is ``wm.imagine(states, plan.actions)``:
+exactly the open-loop prediction the simulator service grades for the same start and actions. A
+warm-start policy (a PPO ``TorchPolicy``) is rolled closed loop through the world model to give the
+initial mean that the search refines (and a candidate itself).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class PlannerConfig:
     momentum: float = 0.1            # weight of the previous mean/std in each refit
     discount: float = 1.0            # per-step discount of imagined rewards
     uncertainty_penalty: float = 0.0  # subtract this x the mean normalised predictive std per step
+    success_bonus: float = 1.0       # add this per imagined step in which the task's success predicate holds
     replan: str = "window"           # window: commit to each imagination window's plan; step: replan every step
     warm_start: str = ""             # a TorchPolicy file (a PPO run's policy_lapNNN.pt) to plan around; "" = none
     num_workers: int = 1             # Ray workers, each stepping one session of the served simulator
@@ -66,8 +69,10 @@ class PlannerConfig:
                 raise ValueError(f"PlannerConfig.{name} must be in [{lo}, {hi}], got {value!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"PlannerConfig.temperature must be > 0, got {self.temperature!r}")
-        if not (math.isfinite(self.uncertainty_penalty) and self.uncertainty_penalty >= 0):
-            raise ValueError(f"PlannerConfig.uncertainty_penalty must be >= 0, got {self.uncertainty_penalty!r}")
+        for name in ("uncertainty_penalty", "success_bonus"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"PlannerConfig.{name} must be a number >= 0, got {value!r}")
         if self.min_std > self.init_std:
             raise ValueError(f"PlannerConfig.min_std ({self.min_std}) must be <= init_std ({self.init_std})")
         return self
@@ -176,6 +181,8 @@ class Planner:
         for h in range(H):
             s, std = self.wm.predict(s, a[:, h])
             r = np.asarray(self.task.reward(s.numpy(), a[:, h].numpy()), np.float64)
+            if self.cfg.success_bonus:
+                r = r + self.cfg.success_bonus * np.asarray(self.task.is_good(s.numpy()), np.float64)
             if self.cfg.uncertainty_penalty:
                 r = r - self.cfg.uncertainty_penalty * (std / self.scale).mean(1).numpy()
             total += self.cfg.discount ** h * np.where(np.isfinite(r), r, -1e9)

@@ -27,6 +27,7 @@ SMALL = ["preset=smoke", "laps=2", "engine.name=mujoco", "reality.engine=mujoco"
      r"'agent.horizon' \(3\) is shorter than the imagination window 'simulator.horizon' \(5\)"),
     (["agent.elites=200"], r"section 'agent': agent.elites \(200\) must be <= candidates \(64\)"),
     (["agent.method=ilqr"], "agent.method is 'ilqr'; allowed: cem, mppi"),
+    (["agent.success_bonus=-1"], "agent.success_bonus must be a number >= 0, got -1.0"),
     (["agent.kind=planner", "agent.warm_start=/nonexistent/policy.pt"], "'agent.warm_start' .* is not a file"),
     (["agent.kind=planner", "task=lift"], "cannot plan task 'lift'.*allowed: agent.kind=ppo"),
     (["agent.kind=planner", "self_play.num_servers=2"],
