@@ -88,6 +88,16 @@ def measure(engine, reference, n: int, horizon: int, size: float, chunk: int, se
     return row
 
 
+def format_row(task: str, name: str, row: dict | str) -> str:
+    if isinstance(row, str):
+        return f"{task:9s} {name:7s} refuses the task: {row.split(': ', 1)[-1][:100]}"
+    ref = "-" if np.isnan(row["fp_ref"]) else f"{row['fp_ref']:.2%}"
+    cells = "".join(f" {'n/a':>18s}" if row[k] is None else f" {row[k][0]:>9.2%} ({row[k][1]:>6.2%})" for k in KINDS)
+    fewer = [f"{k} {row[k][2]}" for k in KINDS if row[k] is not None and row[k][2] < row["windows"]]
+    return f"{task:9s} {name:7s} {row['windows']:7d} {row['fp_own']:7.2%} {ref:>8s}{cells}" + \
+        (f"   (corrupted windows: {', '.join(fewer)})" if fewer else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=10_000, help="true windows per task x engine")
@@ -99,36 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    rows, t0 = [], time.perf_counter()
+    print(f"RLPF precision: {args.windows} true windows of {args.horizon} steps per task x engine "
+          f"(half random, half bang-bang); corruptions of {args.size:g} tolerances, one per window")
+    print("detection: share of corrupted windows flagged (share flagged by the component meant to catch it)")
+    head = f"{'task':9s} {'engine':7s} {'windows':>7s} {'FP own':>7s} {'FP vs C':>8s}" + "".join(f" {k:>18s}" for k in KINDS)
+    print(head + "\n" + "-" * len(head), flush=True)
+    t0 = time.perf_counter()
     for task in args.tasks:
         reference = simulators.make_engine("mujoco", task)
         for name in args.engines:
             try:
                 engine = reference if name == "mujoco" else simulators.make_engine(name, task)
             except UnsupportedTask as exc:
-                rows.append((task, name, str(exc)))
-                print(f"  {task:9s} {name:7s} refused: {exc}", flush=True)
+                print(format_row(task, name, str(exc)), flush=True)
                 continue
             row = measure(engine, reference, args.windows, args.horizon, args.size, args.chunk, args.seed)
-            rows.append((task, name, row))
-            print(f"  {task:9s} {name:7s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    print(f"\nRLPF precision: {args.windows} true windows of {args.horizon} steps per task x engine "
-          f"(half random, half bang-bang); corruptions of {args.size:g} tolerances, one per window")
-    head = f"{'task':9s} {'engine':7s} {'windows':>7s} {'FP own':>7s} {'FP vs C':>8s}" + "".join(f" {k:>18s}" for k in KINDS)
-    print(head + "\n" + "-" * len(head))
-    for task, name, row in rows:
-        if isinstance(row, str):
-            print(f"{task:9s} {name:7s} refuses the task: {row.split(': ', 1)[-1][:100]}")
-            continue
-        ref = "-" if np.isnan(row["fp_ref"]) else f"{row['fp_ref']:.2%}"
-        cells = "".join(f" {'n/a':>18s}" if row[k] is None else f" {row[k][0]:>9.2%} ({row[k][1]:>6.2%})" for k in KINDS)
-        print(f"{task:9s} {name:7s} {row['windows']:7d} {row['fp_own']:7.2%} {ref:>8s}{cells}")
-    print("detection: share of corrupted windows flagged (share flagged by the component meant to catch it)")
-    for task, name, row in rows:
-        fewer = {k: row[k][2] for k in KINDS if not isinstance(row, str) and row[k] is not None and row[k][2] < row["windows"]}
-        if fewer:
-            print(f"  {task} {name}: corrupted windows " + ", ".join(f"{k} {n}" for k, n in fewer.items()))
+            print(format_row(task, name, row), flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 
