@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,14 @@ def read_manifest(directory: str | Path, what: str = "policy checkpoint") -> dic
         if file_sha256(file) != want["sha256"]:
             raise CheckpointError(f"{what} file {file} is corrupt (sha256 mismatch)")
     return manifest
+
+
+def replace_directory(tmp: str, path: str) -> str:
+    """Move the finished checkpoint directory ``tmp`` to ``path``, replacing an older one without a moment
+    where neither exists."""
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -31,7 +31,7 @@ from typing import Self
 import numpy as np
 import ray
 
-from policies.checkpoint import CheckpointError, read_manifest, state_digest, write_manifest
+from policies.checkpoint import CheckpointError, read_manifest, replace_directory, state_digest, write_manifest
 from policies.config import EnvConfig
 from policies.planner import PlannerConfig
 from policies.planner_policy import PlannerPolicy, from_parts, warm_policy_spec
@@ -227,12 +227,7 @@ class PlannerTrainer:
         write_manifest(tmp, {"kind": "planner", "planner": self.config.to_dict(), "env": self.env.to_dict(),
                              "iteration": self.iteration, "env_steps": self.env_steps,
                              "weights_digest": self.weights_digest()})
-        old = f"{path}.old-{os.getpid()}"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-        return path
+        return replace_directory(tmp, path)
 
     def restore(self, path: str) -> list[dict]:
         """Check a checkpoint written by ``save`` (digests, task, planner settings); returns the workers' digests.

@@ -40,7 +40,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.tune.registry import register_env
 
-from policies.checkpoint import CheckpointError, read_manifest, state_digest, write_manifest
+from policies.checkpoint import CheckpointError, read_manifest, replace_directory, state_digest, write_manifest
 from policies.config import EnvConfig, PPOConfig
 from policies.rllib_runners import (
     ENV_NAME,
@@ -270,12 +270,7 @@ class PolicyTrainer:
         write_manifest(tmp, {"ppo": asdict(self.ppo), "env": asdict(self.env), "iteration": self.iteration,
                              "env_steps": self.env_steps, "module_digest": self._module_digest(),
                              "weights_digest": self.weights_digest()})
-        old = f"{path}.old-{os.getpid()}"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-        return path
+        return replace_directory(tmp, path)
 
     def restore(self, path: str) -> dict[int, str]:
         """Restore a checkpoint written by ``save`` and give every runner its weights (verified).
