@@ -47,7 +47,7 @@ def test_agent_defaults_and_a_valid_planner_config():
 
 @pytest.mark.slow
 def test_two_lap_planner_run_end_to_end(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}  # its own Ray
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "flywheel", "run", *SMALL, *PLANNER, f"run_dir={run_dir}",
                            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
