@@ -97,8 +97,8 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
         safe_a = np.concatenate([safe_a, np.zeros((pad, safe_a.shape[1]))])
     stepped = np.asarray(engine.step_vectors(safe_prev, safe_a), dtype=np.float64)
     finite_step = np.isfinite(stepped).all(1)
-    imagined_c = engine.constraints(engine.from_vector(safe_next))
-    stepped_c = engine.constraints(engine.from_vector(np.where(finite_step[:, None], stepped, placeholder)))
+    both = engine.vector_constraints(np.concatenate([safe_next, np.where(finite_step[:, None], stepped, placeholder)]))
+    imagined_c, stepped_c = both.rows(slice(0, len(safe_next))), both.rows(slice(len(safe_next), None))
     safe_prev, safe_next, stepped, finite_step = safe_prev[:n], safe_next[:n], stepped[:n], finite_step[:n]
     hinges, joints = _joint_layout(engine, spec)
 

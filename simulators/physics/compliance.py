@@ -89,7 +89,7 @@ def limit_starts(engine: Any) -> np.ndarray | None:
         speed = (0.5, 2.0)[(r // (2 * len(joints))) % 2]
         out[r, m.jnt_qposadr[j]] = m.jnt_range[j, side] + (1e-3 if side else -1e-3)
         out[r, m.nq + m.jnt_dofadr[j]] = speed if side else -speed
-    depth = [engine.constraints(engine.from_vector(x)).penetration for x in (out, base)]
+    depth = [engine.vector_constraints(x).penetration for x in (out, base)]
     deeper = depth[0] > depth[1] + 1e-9
     out[deeper] = base[deeper]
     return out

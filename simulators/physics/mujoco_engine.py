@@ -52,3 +52,4 @@ class MujocoEngine(EngineBase):
 
     def close(self) -> None:
         self._rollout.close()
+        super().close()
