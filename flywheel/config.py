@@ -99,8 +99,9 @@ class SelectionSection:
 class GuardSection:
     """The model-exploitation guard (``flywheel.guard``): self-play replayed in the engine each lap."""
 
-    threshold: float = 0.2          # flag a lap whose mean per-step task reward served exceeds the replay's by this
+    threshold: float = 0.1          # flag a lap whose mean per-step task reward served exceeds the replay's by this
     max_episodes: int = 64          # complete self-play episodes replayed per lap
+    window: int = 10                # control steps replayed from each served state; 0 = whole episodes open loop
     replay_on_flag: bool = True     # a flagged lap's engine replays train the next world model too
 
 
@@ -273,6 +274,7 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("selection.max_episodes", cfg.selection.max_episodes, 0)
     _check_range("guard.threshold", cfg.guard.threshold, 0.0, 1.0)
     _check_range("guard.max_episodes", cfg.guard.max_episodes, 1)
+    _check_range("guard.window", cfg.guard.window, 0)
     _check_choice("service.placement", cfg.service.placement, PLACEMENTS)
     _check_range("service.servers_per_node", cfg.service.servers_per_node, 1)
     if cfg.ray.num_cpus is not None:

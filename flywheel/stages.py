@@ -152,7 +152,7 @@ def guard(ctx: LapContext, raw) -> dict:
 
     cfg = ctx.cfg
     engine = make_engine(cfg.engine.name, cfg.task, vars(cfg.engine.params))
-    report = exploitation_gap(raw, ctx.reality_task(), engine, cfg.guard.max_episodes)
+    report = exploitation_gap(raw, ctx.reality_task(), engine, cfg.guard.max_episodes, cfg.guard.window)
     gap = report["return_gap"]
     flagged = bool(np.isfinite(gap) and gap > cfg.guard.threshold)
     if flagged:
