@@ -70,6 +70,7 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
             "self_play/episode_return_mean": float(last.get("episode_return_mean", np.nan)),
             "self_play/success_rate": float(last.get("success_rate", np.nan)),
             "self_play/runner_restarts": float(last.get("runner_restarts", 0)),
+            **{k: float(last[k]) for k in last if k.startswith("planner/")},     # the planner's own figures
             "self_play/server_restarts": float(report.get("server_restarts", 0)),
             "data/served_transitions": float(report.get("served", 0)),
             "data/stored_transitions": float(stored),

@@ -143,6 +143,9 @@ def init_ray(num_cpus: int | None = None) -> None:
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
+MAX_WORKER_RESTARTS = 3     # per ``train`` call
+
+
 class PlannerTrainer:
     """``PolicyTrainer``'s interface for the planning agent: Ray workers in the served simulator."""
 
@@ -153,18 +156,22 @@ class PlannerTrainer:
             raise ValueError("the planner steps simulator servers over gRPC; EnvConfig.addresses must be host:port")
         self.world_model_bytes = Path(world_model_path).read_bytes()
         self.warm = warm_policy_spec(config.warm_start)
+        self.num_envs, self.keep_windows = int(num_envs), int(keep_windows)
         init_ray()
-        remote = ray.remote(PlannerWorker).options(num_cpus=1, max_restarts=0)
-        self.workers = [remote.remote(i, env.to_dict(), int(num_envs), config.to_dict(), self.world_model_bytes,
-                                      self.warm, int(keep_windows)) for i in range(config.num_workers)]
+        self.workers = [self._spawn(i) for i in range(config.num_workers)]
         try:
             self.spec = ray.get(self.workers[0].spec.remote())
         except BaseException:
             self.stop()
             raise
-        self.num_envs = int(num_envs)
-        self.iteration, self.env_steps, self.restored_from = 0, 0, None
+        self.iteration, self.env_steps, self.restored_from, self.worker_restarts = 0, 0, None, 0
         self._policy: PlannerPolicy | None = None
+
+    def _spawn(self, index: int):
+        """Worker ``index``: a Ray actor with its own session on a server (Ray does not restart it; ``train`` does)."""
+        remote = ray.remote(PlannerWorker).options(num_cpus=1, max_restarts=0)
+        return remote.remote(index, self.env.to_dict(), self.num_envs, self.config.to_dict(), self.world_model_bytes,
+                             self.warm, self.keep_windows)
 
     # -- digests -------------------------------------------------------------------------------
     def weights_digest(self) -> str:
@@ -185,7 +192,7 @@ class PlannerTrainer:
             raise ValueError(f"train needs iterations >= 1 or env_steps > 0, got {iterations}, {env_steps}")
         n = len(self.workers)
         shares = [budget // n + (i < budget % n) for i in range(n)]
-        parts = ray.get([w.sample.remote(s) for w, s in zip(self.workers, shares) if s > 0])
+        parts = self._sample(shares)
         self.iteration += 1
         steps = sum(p["env_steps"] for p in parts)
         self.env_steps += steps
@@ -196,10 +203,31 @@ class PlannerTrainer:
         plan_s = sum(p["plan_seconds"] for p in parts)
         return [{"iteration": self.iteration, "env_steps": self.env_steps, "env_steps_this_iter": steps,
                  "episode_return_mean": _mean(returns), "episodes": len(returns), "success_rate": _mean(successes),
-                 "runner_restarts": 0, "sessions_recreated": sum(p["sessions_recreated"] for p in parts),
+                 "runner_restarts": self.worker_restarts, "sessions_recreated": sum(p["sessions_recreated"] for p in parts),
                  "planner/imagination_error": _mean(errors), "reward/imagination": _mean(graded),
                  "planner/plan_ms_per_step": 1000 * plan_s / max(steps, 1),
                  "time_s": max(p["seconds"] for p in parts)}]
+
+    def _sample(self, shares: list[int]) -> list[dict]:
+        """Each worker samples its share; a worker that dies is replaced by a new one that samples its share again
+        (at most ``MAX_WORKER_RESTARTS`` per call, then the error names the worker). The dead worker's transitions
+        already served stay recorded by the server; only finished shares count toward the budget."""
+        pending = {self.workers[i].sample.remote(s): i for i, s in enumerate(shares) if s > 0}
+        parts, restarts = [], 0
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ref)
+            try:
+                parts.append(ray.get(ref))
+            except ray.exceptions.RayActorError as exc:
+                if restarts >= MAX_WORKER_RESTARTS:
+                    raise RuntimeError(f"planner worker {i} died and {restarts} restarts were already spent in this "
+                                       f"iteration (at most {MAX_WORKER_RESTARTS}): {exc}") from exc
+                restarts += 1
+                self.worker_restarts += 1
+                self.workers[i] = self._spawn(i)
+                pending[self.workers[i].sample.remote(shares[i])] = i
+        return parts
 
     def windows(self) -> list[dict]:
         """The windows each worker kept (``keep_windows``), with ``worker`` set."""

@@ -135,6 +135,25 @@ def test_policy_files_are_verified_and_told_apart(world, served_run, tmp_path):
         load_policy(tmp_path / "other.pt")
 
 
+def test_a_dead_worker_is_replaced_and_the_budget_still_sampled(world, monkeypatch):
+    import policies.planner_agent as agent
+
+    trainer = PlannerTrainer(FAST, env_config(world, seed=9), ENVS, world["wm_path"])
+    try:
+        dead = trainer.workers[0]
+        ray.kill(dead, no_restart=True)
+        [m] = trainer.train(env_steps=ENVS * 20)
+        assert m["env_steps_this_iter"] >= ENVS * 20 and m["runner_restarts"] == 1
+        assert trainer.workers[0] != dead
+        assert [d["digest"] for d in trainer.runner_digests()] == [trainer.weights_digest()]
+        monkeypatch.setattr(agent, "MAX_WORKER_RESTARTS", 0)
+        ray.kill(trainer.workers[0], no_restart=True)
+        with pytest.raises(RuntimeError, match="planner worker 0 died"):
+            trainer.train(env_steps=ENVS * 20)
+    finally:
+        trainer.stop()
+
+
 def test_restore_checks_the_checkpoint_and_the_settings(world, served_run):
     trainer = PlannerTrainer(FAST, env_config(world, seed=5), ENVS, world["wm_path"])
     try:

@@ -62,6 +62,7 @@ def test_two_lap_planner_run_end_to_end(tmp_path):
         served = json.loads((run_dir / "laps" / f"lap_{lap:03d}" / "metrics.json").read_text())["metrics"]
         assert served["self_play/env_steps"] >= 512 and served["data/stored_transitions"] >= 512
         assert 0.0 <= served["capability/success_rate"] <= 1.0
+        assert served["planner/plan_ms_per_step"] > 0 and served["planner/imagination_error"] >= 0   # the planner's own
     # each lap plans with the world model its servers serve: lap 1's planner holds lap 0's retrained model
     from simulators.world_model import WorldModel
 
