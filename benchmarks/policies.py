@@ -1,9 +1,16 @@
-"""RLlib sampling throughput through the gRPC service vs an in-process VectorEnv; PPO wall-clock to a return.
+"""RLlib sampling throughput through the gRPC service vs RLlib's own sampler; PPO wall-clock to a return.
 
-    python -m benchmarks.policies [--task pendulum] [--steps 4096] [--envs 8 32] [--threshold 80]
+    python -m benchmarks.policies [--task pendulum] [--steps 4096] [--runners 1] [--envs 16 64 256] [--threshold 80]
 
 Sampling: each EnvRunner samples ``--steps`` env steps with the current (random-init) policy, all runners
-in parallel; env steps/s = total / wall time. Servers use the MuJoCo engine at fidelity 1.
+in parallel, after a warm-up; env steps/s = total / wall time. Three samplers with the same runners, envs
+per runner and policy network, measured in one run:
+
+- ``gRPC``: Flywheel's EnvRunner stepping a simulator server (MuJoCo engine, fidelity 1) over gRPC;
+- ``in-process``: the same EnvRunner on ``LocalVectorEnv`` (the same corrected simulator, no wire);
+- ``RLlib default``: RLlib's own ``SingleAgentEnvRunner`` on gymnasium's ``Pendulum-v1`` (``--gym-env``).
+
+The ratio gRPC / RLlib default is the one the service is judged by.
 """
 
 from __future__ import annotations
@@ -19,20 +26,35 @@ from services.server import ServerProcess
 from simulators.reality import Reality
 
 
-def sample_rate(trainer: PolicyTrainer, steps: int) -> float:
-    group = trainer.algo.env_runner_group
+def sample_rate(algo, steps: int) -> float:
+    group = algo.env_runner_group
     group.foreach_env_runner(lambda r: len(r.sample(num_timesteps=256)), local_env_runner=False)   # warm up
     t0 = time.perf_counter()
     group.foreach_env_runner(lambda r: len(r.sample(num_timesteps=steps)), local_env_runner=False)
     return steps * group.num_healthy_remote_env_runners() / (time.perf_counter() - t0)
 
 
+def rllib_default_algo(env_id: str, ppo, runners: int, envs: int):
+    """RLlib's PPO with its default EnvRunner on a gymnasium env: the same runners, envs and network as ours."""
+    from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
+
+    config = (RLlibPPOConfig().framework("torch").environment(env_id)
+              .env_runners(num_env_runners=runners, num_envs_per_env_runner=envs, num_cpus_per_env_runner=0.5)
+              .learners(num_learners=0)
+              .rl_module(model_config={"fcnet_hiddens": list(ppo.hidden_sizes), "fcnet_activation": ppo.activation,
+                                       "head_fcnet_hiddens": [], "vf_share_layers": False})
+              .debugging(seed=ppo.seed, log_level="ERROR"))
+    return config.build_algo()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="pendulum")
     p.add_argument("--steps", type=int, default=4096, help="env steps sampled per runner")
-    p.add_argument("--runners", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--envs", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--runners", type=int, nargs="+", default=[1])
+    p.add_argument("--envs", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--gym-env", default="Pendulum-v1", help="RLlib's default sampler runs this gymnasium env")
+    p.add_argument("--no-ppo", action="store_true", help="sampling only, no PPO run to --threshold")
     p.add_argument("--threshold", type=float, default=80.0, help="return in reality that PPO must reach")
     p.add_argument("--max-iterations", type=int, default=20)
     args = p.parse_args()
@@ -43,17 +65,26 @@ def main() -> None:
         for runners in args.runners:
             for envs in args.envs:
                 rate = {}
+                ppo = ppo_config_for(args.task, num_env_runners=runners, num_envs_per_runner=envs,
+                                     num_cpus_per_runner=0.5)
                 for kind, addresses in (("grpc", [s.address for s in servers[:runners]]), ("local", ["local"])):
-                    ppo = ppo_config_for(args.task, num_env_runners=runners, num_envs_per_runner=envs,
-                                         num_cpus_per_runner=0.5)
                     trainer = PolicyTrainer(ppo, EnvConfig(task=args.task, addresses=addresses, local_engine="mujoco"))
-                    rate[kind] = sample_rate(trainer, args.steps)
+                    rate[kind] = sample_rate(trainer.algo, args.steps)
                     trainer.stop()
-                rows.append((runners, envs, rate["grpc"], rate["local"]))
-        print(f"\nRLlib sampling, {args.task}, env steps/s ({args.steps} steps per runner)")
-        print(f"{'runners':>8} {'envs/runner':>12} {'gRPC':>10} {'in-process':>11} {'gRPC/in-process':>16}")
-        for r, e, g, loc in rows:
-            print(f"{r:>8} {e:>12} {g:>10.0f} {loc:>11.0f} {g / loc:>16.2f}")
+                algo = rllib_default_algo(args.gym_env, ppo, runners, envs)
+                rate["default"] = sample_rate(algo, args.steps)
+                algo.stop()
+                rows.append((runners, envs, rate["grpc"], rate["local"], rate["default"]))
+                print(f"  {runners} runner(s) x {envs} envs: gRPC {rate['grpc']:.0f}, in-process {rate['local']:.0f}, "
+                      f"RLlib default {rate['default']:.0f} env steps/s", flush=True)
+        print(f"\nRLlib sampling, env steps/s ({args.steps} steps per runner; {args.task} served vs {args.gym_env})")
+        print(f"| runners | envs/runner | through the service | in-process | RLlib default, {args.gym_env} "
+              "| service / default | service / in-process |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r, e, g, loc, d in rows:
+            print(f"| {r} | {e} | {g:,.0f} | {loc:,.0f} | {d:,.0f} | {g / d:.2f} | {g / loc:.2f} |")
+        if args.no_ppo:
+            return
 
         reality = Reality(args.task, engine="mujoco")
         trainer = PolicyTrainer(ppo_config_for(args.task), EnvConfig(task=args.task, addresses=[servers[0].address]))

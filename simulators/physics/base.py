@@ -190,6 +190,7 @@ class EngineBase:
 
 
 _SCRATCH = threading.local()
+POOL_MIN_STATES = 256   # fewer states are checked in the calling thread: handing them to the pool costs more
 
 
 def _scratch_data(model: mujoco.MjModel) -> mujoco.MjData:
@@ -229,7 +230,7 @@ def constraint_violations(model: mujoco.MjModel, states: np.ndarray, joint_limit
                 if data.ncon:
                     penetration[i] = max(0.0, -float(data.contact.dist[: data.ncon].min()))
 
-        if pool is None:
+        if pool is None or len(s) < POOL_MIN_STATES:
             for c in chunks:
                 run(c)
         else:

@@ -16,6 +16,8 @@ from simulators.physics.agreement import Agreement
 from simulators.physics.base import EngineBase, _num_threads
 from simulators.tasks import Task
 
+SERIAL_BELOW = 32   # envs: a smaller batch steps in the calling thread (waking the pool costs more than it saves)
+
 
 class MujocoEngine(EngineBase):
     name = "mujoco"
@@ -26,6 +28,7 @@ class MujocoEngine(EngineBase):
         self.nthread = nthread or _num_threads()
         self._datas = [mujoco.MjData(self.model) for _ in range(self.nthread)]
         self._rollout = rollout.Rollout(nthread=self.nthread)
+        self._serial = rollout.Rollout(nthread=0)
         self._state_size = mujoco.mj_stateSize(self.model, mujoco.mjtState.mjSTATE_FULLPHYSICS)
 
     def reset(self, key: Any, n: int) -> np.ndarray:
@@ -41,7 +44,8 @@ class MujocoEngine(EngineBase):
         full = np.zeros((n, self._state_size))
         full[:, 1 : 1 + nqv] = s
         control = np.repeat(a[:, None, :], self.task.n_substeps, axis=1)
-        states, _ = self._rollout.rollout(self.model, self._datas, full, control, nstep=self.task.n_substeps)
+        runner, datas = (self._serial, self._datas[:1]) if n < SERIAL_BELOW else (self._rollout, self._datas)
+        states, _ = runner.rollout(self.model, datas, full, control, nstep=self.task.n_substeps)
         return states[:, -1, 1 : 1 + nqv]
 
     def to_vector(self, state: np.ndarray) -> np.ndarray:
@@ -52,4 +56,5 @@ class MujocoEngine(EngineBase):
 
     def close(self) -> None:
         self._rollout.close()
+        self._serial.close()
         super().close()
