@@ -35,10 +35,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.physics
+	$(BIN)/python -m benchmarks.agreement
 	$(BIN)/python -m benchmarks.world_model --threads 1
 	$(BIN)/python -m benchmarks.grading
 	$(BIN)/python -m benchmarks.service --engine mujoco
-	$(BIN)/python -m benchmarks.policies --runners 1 2 --envs 16
+	$(BIN)/python -m benchmarks.policies --no-ppo
 
 fidelity: $(STAMP)
 	$(BIN)/python -m benchmarks.fidelity $(if $(QUICK),--quick,)
