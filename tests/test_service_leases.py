@@ -133,7 +133,9 @@ def test_open_step_close_200_sessions_keeps_threads_and_memory_flat(tmp_path):
     (threads_20, rss_20), (threads_200, rss_200) = samples[20], samples[200]
     print(f"server after 20 sessions: {threads_20} threads, {rss_20:.1f} MiB; after 200: {threads_200} threads, "
           f"{rss_200:.1f} MiB")
-    assert threads_200 <= threads_20
+    # gRPC's handler pool adds threads lazily, up to ``workers``, whenever a call arrives with none idle: a few may
+    # appear late; a thread per session would be 180 more.
+    assert threads_200 - threads_20 <= config.workers, "threads grew with closed sessions"
     assert rss_200 - rss_20 < 16, "memory grew with closed sessions"
     assert len(list(tmp_path.glob("*.npz"))) == 200      # every session's steps written, once
 
