@@ -30,8 +30,10 @@ import psutil
 TASK = "pendulum"
 
 
-def churn_client(address: str, seed: int, envs: int, think_s: float) -> None:
+def churn_client(address: str, seed: int, envs: int, think_s: float, nice: int = 0) -> None:
     """Clients one after another, each ending by close, abandon or a timed-out CreateSession (until killed)."""
+    if nice:
+        os.nice(nice)
     from services.client import SimulatorClient, SimulatorError
     from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 
@@ -83,8 +85,8 @@ def probe(address: str, envs: int, out) -> None:
 class Churn:
     """Client slots, each a process killed after 4-10 s and replaced."""
 
-    def __init__(self, ctx, address: str, slots: int, envs: int, think_s: float, seed: int):
-        self.ctx, self.address, self.envs, self.think_s = ctx, address, envs, think_s
+    def __init__(self, ctx, address: str, slots: int, envs: int, think_s: float, seed: int, nice: int = 0):
+        self.ctx, self.address, self.envs, self.think_s, self.nice = ctx, address, envs, think_s, nice
         self.rng = np.random.default_rng(seed)
         self.slots: list[tuple | None] = [None] * slots
         self.started = self.killed = 0
@@ -97,7 +99,7 @@ class Churn:
             if slot is not None:
                 self._kill(slot[0])
             proc = self.ctx.Process(target=churn_client, args=(self.address, int(self.rng.integers(2**31)), self.envs,
-                                                                self.think_s), daemon=True)
+                                                                self.think_s, self.nice), daemon=True)
             proc.start()
             self.started += 1
             self.slots[i] = (proc, now + float(self.rng.uniform(4.0, 10.0)))
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--think-ms", type=float, default=20.0, help="a churn client's pause between steps (its policy)")
     p.add_argument("--idle", type=float, default=3.0, help="the server's session_idle_s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client-nice", type=int, default=0,
+                   help="niceness of the churning client processes: with 19 they take only the CPU the server and the "
+                        "probe leave, so the probe's latency measures the server's churn handling, not CPU sharing")
     args = p.parse_args(argv)
     from services.config import ServerConfig  # the server side only: spawned clients import the client alone
     from services.server import serve
@@ -138,10 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     out = ctx.Queue()
     prober = ctx.Process(target=probe, args=(server.address, args.envs, out), daemon=True)
     prober.start()
-    churn = Churn(ctx, server.address, args.slots, args.envs, args.think_ms / 1000, args.seed)
+    churn = Churn(ctx, server.address, args.slots, args.envs, args.think_ms / 1000, args.seed, args.client_nice)
     rows: list[dict] = []
     print(f"server {server.address} ({args.engine}, {args.envs} envs per session, idle lease {args.idle:g} s); "
-          f"phases: quiet {quiet_s:g} s, churn {churn_s:g} s, after {after_s:g} s; {os.cpu_count()} cores, "
+          f"phases: quiet {quiet_s:g} s, churn {churn_s:g} s, after {after_s:g} s; clients at nice {args.client_nice}; "
+          f"{os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'t_s':>6} {'phase':>6} {'threads':>7} {'rss_MiB':>8} {'open':>5} {'created':>7} {'expired':>7} "
           f"{'rolled':>6} {'p50_ms':>7}", flush=True)
