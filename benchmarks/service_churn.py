@@ -3,12 +3,14 @@
 Eight client slots on 127.0.0.1, each a spawned process that opens clients one after another (connect,
 create a session, reset, step 10-60 times, then close it, abandon it without closing, or time out a
 CreateSession) until the benchmark SIGKILLs the process mid-step after 4-10 s and starts a fresh one.
-A probe process steps its own session throughout. Phases: quiet (the probe alone), churn, after
-(the churn killed, abandoned sessions left to expire). Every second it prints the server's OS
-threads, RSS and open sessions, and the probe's median step latency; at the end, ratios measured in
-this run: the churn's second half / its first half for threads, memory and open sessions (flat is
-1.0: nothing accumulates), after / quiet for latency (a leak would show here) and churn / quiet
-(the load of eight clients sharing the machine's cores with the server).
+A probe process steps its own session throughout. Phases: quiet (the probe alone), steady (eight
+clients in the same slots that step the same way but never die: the same load without the churn),
+churn, after (the churn killed, abandoned sessions left to expire). Every second it prints the
+server's OS threads, RSS and open sessions, and the probe's median step latency; at the end, ratios
+measured in this run: the churn's second half / its first half for threads, memory and open sessions
+(flat is 1.0: nothing accumulates), after / quiet for latency (a leak would show here), churn /
+steady (what dying clients cost the others beyond their load) and churn / quiet (the load of eight
+clients sharing the machine's cores with the server, which on a 2-core machine dominates).
 
     python benchmarks/service_churn.py [--minutes 5] [--quick] [--engine mujoco] [--envs 16]
 """
@@ -30,14 +32,23 @@ import psutil
 TASK = "pendulum"
 
 
-def churn_client(address: str, seed: int, envs: int, think_s: float, nice: int = 0) -> None:
-    """Clients one after another, each ending by close, abandon or a timed-out CreateSession (until killed)."""
+def churn_client(address: str, seed: int, envs: int, think_s: float, nice: int = 0, steady: bool = False) -> None:
+    """Clients one after another, each ending by close, abandon or a timed-out CreateSession (until killed);
+    ``steady``: one client that steps its session the same way for ever (the churn's load without the churn)."""
     if nice:
         os.nice(nice)
     from services.client import SimulatorClient, SimulatorError
     from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 
     rng = np.random.default_rng(seed)
+    if steady:
+        with SimulatorClient(address, timeout=30.0) as client:
+            session = client.create_session(TASK, envs, seed=int(rng.integers(2**31)))
+            session.reset()
+            low, high = session.info.action_low, session.info.action_high
+            while True:
+                session.step(rng.uniform(low, high, (envs, len(low))).astype(np.float32))
+                time.sleep(think_s)
     while True:
         try:
             client = SimulatorClient(address, timeout=10.0)
@@ -83,10 +94,12 @@ def probe(address: str, envs: int, out) -> None:
 
 
 class Churn:
-    """Client slots, each a process killed after 4-10 s and replaced."""
+    """Client slots, each a process killed after 4-10 s and replaced (``steady``: started once, never killed)."""
 
-    def __init__(self, ctx, address: str, slots: int, envs: int, think_s: float, seed: int, nice: int = 0):
+    def __init__(self, ctx, address: str, slots: int, envs: int, think_s: float, seed: int, nice: int = 0,
+                 steady: bool = False):
         self.ctx, self.address, self.envs, self.think_s, self.nice = ctx, address, envs, think_s, nice
+        self.steady = steady
         self.rng = np.random.default_rng(seed)
         self.slots: list[tuple | None] = [None] * slots
         self.started = self.killed = 0
@@ -94,12 +107,12 @@ class Churn:
     def tick(self) -> None:
         now = time.monotonic()
         for i, slot in enumerate(self.slots):
-            if slot is not None and now < slot[1]:
+            if slot is not None and (self.steady or now < slot[1]):
                 continue
             if slot is not None:
                 self._kill(slot[0])
             proc = self.ctx.Process(target=churn_client, args=(self.address, int(self.rng.integers(2**31)), self.envs,
-                                                                self.think_s, self.nice), daemon=True)
+                                                                self.think_s, self.nice, self.steady), daemon=True)
             proc.start()
             self.started += 1
             self.slots[i] = (proc, now + float(self.rng.uniform(4.0, 10.0)))
@@ -119,7 +132,8 @@ class Churn:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=5.0, help="length of the churn phase")
-    p.add_argument("--quick", action="store_true", help="about 30 s in all: 5 s quiet, 18 s churn, 7 s after")
+    p.add_argument("--quick", action="store_true", help="about 40 s in all: 5 s quiet, 10 s steady, 18 s churn, 7 s after")
+    p.add_argument("--steady-s", type=float, default=60.0, help="length of the steady phase (8 clients, no churn)")
     p.add_argument("--engine", default="mujoco")
     p.add_argument("--envs", type=int, default=16, help="envs per session")
     p.add_argument("--slots", type=int, default=8, help="concurrent churning clients")
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.config import ServerConfig  # the server side only: spawned clients import the client alone
     from services.server import serve
 
-    quiet_s, churn_s = (5.0, 18.0) if args.quick else (20.0, 60.0 * args.minutes)
+    quiet_s, steady_s, churn_s = (5.0, 10.0, 18.0) if args.quick else (20.0, args.steady_s, 60.0 * args.minutes)
     after_s = args.idle + (4.0 if args.quick else 20.0)
     config = ServerConfig(task=TASK, engine=args.engine, session_idle_s=args.idle, max_sessions=64, workers=8,
                           torch_threads=1)
@@ -144,9 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     prober = ctx.Process(target=probe, args=(server.address, args.envs, out), daemon=True)
     prober.start()
     churn = Churn(ctx, server.address, args.slots, args.envs, args.think_ms / 1000, args.seed, args.client_nice)
+    steady = Churn(ctx, server.address, args.slots, args.envs, args.think_ms / 1000, args.seed + 1, args.client_nice,
+                   steady=True)
     rows: list[dict] = []
     print(f"server {server.address} ({args.engine}, {args.envs} envs per session, idle lease {args.idle:g} s); "
-          f"phases: quiet {quiet_s:g} s, churn {churn_s:g} s, after {after_s:g} s; clients at nice {args.client_nice}; "
+          f"phases: quiet {quiet_s:g} s, steady {steady_s:g} s, churn {churn_s:g} s, after {after_s:g} s; "
+          f"clients at nice {args.client_nice}; "
           f"{os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'t_s':>6} {'phase':>6} {'threads':>7} {'rss_MiB':>8} {'open':>5} {'created':>7} {'expired':>7} "
@@ -154,11 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     out.get(timeout=120)                     # the probe is up (its first window is a warm-up)
     start = time.monotonic()
     try:
-        for phase, seconds in (("quiet", quiet_s), ("churn", churn_s), ("after", after_s)):
+        for phase, seconds in (("quiet", quiet_s), ("steady", steady_s), ("churn", churn_s), ("after", after_s)):
             end = time.monotonic() + seconds
             while time.monotonic() < end:
-                if phase == "churn":
-                    churn.tick()
+                if phase in ("steady", "churn"):
+                    (steady if phase == "steady" else churn).tick()
                 try:
                     latency, _steps = out.get(timeout=0.25)
                 except Exception:  # noqa: BLE001 - queue.Empty: no probe window closed yet
@@ -171,9 +188,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(f"{row['t']:6.1f} {phase:>6} {row['threads']:7d} {row['rss']:8.1f} {row['open']:5d} "
                       f"{row['created']:7d} {row['expired']:7d} {row['rolled']:6d} {row['p50']:7.2f}", flush=True)
+            if phase == "steady":
+                steady.stop()
             if phase == "churn":
                 churn.stop()
     finally:
+        steady.stop()
         churn.stop()
         prober.kill()
         prober.join(10)
@@ -185,7 +205,7 @@ def summarize(rows: list[dict], churn: Churn, report: dict) -> None:
     def at(phase: str) -> list[dict]:
         return [r for r in rows if r["phase"] == phase]
 
-    quiet, busy, after = at("quiet")[1:], at("churn"), at("after")
+    quiet, loaded, busy, after = at("quiet")[1:], at("steady")[2:], at("churn"), at("after")
     first, second = busy[: len(busy) // 2], busy[len(busy) // 2:]
     settled = [r for r in after if r["open"] == after[-1]["open"]] or after
     med = lambda rs, k: float(np.median([r[k] for r in rs]))
@@ -199,7 +219,8 @@ def summarize(rows: list[dict], churn: Churn, report: dict) -> None:
               f"{f(top(second, key))} (ratio {top(second, key) / top(first, key):.2f}), after {f(after[-1][key])}")
     print(f"step latency p50 ms: quiet {med(quiet, 'p50'):.2f}, after {med(settled, 'p50'):.2f} (after / quiet "
           f"{med(settled, 'p50') / med(quiet, 'p50'):.2f}); during the churn {med(busy, 'p50'):.2f} (churn / quiet "
-          f"{med(busy, 'p50') / med(quiet, 'p50'):.2f})")
+          f"{med(busy, 'p50') / med(quiet, 'p50'):.2f}); with 8 steady clients {med(loaded, 'p50'):.2f} (churn / steady "
+          f"{med(busy, 'p50') / med(loaded, 'p50'):.2f}: what dying clients cost beyond their load)")
 
 
 if __name__ == "__main__":
