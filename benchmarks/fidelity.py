@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flywheel.report import load_history
-from flywheel.sweep import load_spec, parse_grid, run_sweep
+from flywheel.sweep import load_spec, parse_grid, parse_seeds, run_sweep
 
 STAGES = ("seed", "serve", "self_play", "reality", "select", "retrain", "evaluate", "log")
 
@@ -49,8 +49,11 @@ def main() -> None:
                    "with the ablations")
     p.add_argument("--spec", default=str(ROOT / "configs" / "sweep" / "fidelity.yaml"))
     p.add_argument("--run-dir", default=None, help="sweep directory (an existing one is continued)")
+    p.add_argument("--seeds", default=None, help="a count or a comma-separated list, instead of the spec's seeds")
     args = p.parse_args()
     overrides, grid, seeds, ablations = load_spec(args.spec)
+    if args.seeds:
+        seeds = parse_seeds(args.seeds)
     if args.quick:
         overrides, grid, seeds = ["preset=smoke", "laps=3"], parse_grid(["simulator.fidelity=0,1"]), 2
     t0 = time.time()
