@@ -102,7 +102,7 @@ def test_an_explicit_yaml_value_beats_every_built_in_default(config_dir):
     assert cfg.ppo.gamma == 0.97                                 # the task's file, where default.yaml is silent
     assert load_config(["ppo.lr=0.5"], config_dir=config_dir).ppo.lr == 0.5
     # a key set in default.yaml and in the task's file: the task's file is more specific
-    assert load_config(["task=cartpole"], config_dir=config_dir).ppo.lr == 5e-4
+    assert load_config(["task=cartpole"], config_dir=config_dir).ppo.lr == 1e-3
     assert load_config(["task=cartpole", "ppo.lr=0.5"], config_dir=config_dir).ppo.lr == 0.5
     assert load_config(["task=cartpole", "preset=cluster"], config_dir=config_dir).ppo.train_batch_size == 65536
 
