@@ -52,10 +52,10 @@ def main() -> None:
     p.add_argument("--seeds", default=None, help="a count or a comma-separated list, instead of the spec's seeds")
     args = p.parse_args()
     overrides, grid, seeds, ablations = load_spec(args.spec)
-    if args.seeds:
-        seeds = parse_seeds(args.seeds)
     if args.quick:
         overrides, grid, seeds = ["preset=smoke", "laps=3"], parse_grid(["simulator.fidelity=0,1"]), 2
+    if args.seeds:
+        seeds = parse_seeds(args.seeds)
     t0 = time.time()
     sweep_dir = run_sweep([*overrides, *args.overrides], grid, seeds, args.run_dir, ablations=ablations)
     print()
