@@ -55,7 +55,10 @@ def main() -> None:
     if args.quick:
         overrides, grid, seeds = ["preset=smoke", "laps=3"], parse_grid(["simulator.fidelity=0,1"]), 2
     if args.seeds:
-        seeds = parse_seeds(args.seeds)
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as exc:      # ConfigError: one line and exit 2, as the CLI answers
+            p.error(str(exc))
     t0 = time.time()
     sweep_dir = run_sweep([*overrides, *args.overrides], grid, seeds, args.run_dir, ablations=ablations)
     print()
