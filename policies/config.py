@@ -23,6 +23,8 @@ class PPOConfig:
     """PPO hyper-parameters, network and worker layout (one learner on the driver)."""
 
     lr: float = 3e-4
+    lr_final: float = 0.0               # > 0: lr falls linearly to this over lr_decay_steps env steps, then stays
+    lr_decay_steps: int = 0             # lifetime env steps (carried across laps by the checkpoint)
     gamma: float = 0.99
     lambda_: float = 0.95
     clip: float = 0.2                   # PPO surrogate clip
@@ -54,6 +56,9 @@ class PPOConfig:
         for name in ("gamma", "lambda_"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if (self.lr_final > 0) != (self.lr_decay_steps > 0) or self.lr_final < 0 or self.lr_decay_steps < 0:
+            raise ValueError(f"PPOConfig.lr_final ({self.lr_final!r}) and lr_decay_steps ({self.lr_decay_steps!r}) go "
+                             f"together: both 0 (a constant lr) or both > 0 (lr falls linearly to lr_final)")
         nonneg = ("clip", "vf_clip", "vf_loss_coeff", "entropy_coeff", "kl_coeff", "grad_clip", "num_env_runners",
                   "num_cpus_per_runner", "rollout_fragment_length", "max_runner_restarts", "restart_delay_s")
         for name in nonneg:
@@ -83,6 +88,12 @@ class PPOConfig:
                                  f"{sampled} steps per iteration for train_batch_size {self.train_batch_size} (more than "
                                  f"10% over); allowed: 0 (auto) or a length whose multiple of {envs} envs is within 10% "
                                  f"of train_batch_size, e.g. {max(1, self.train_batch_size // envs)}")
+
+    def lr_schedule(self) -> float | list[list[float]]:
+        """RLlib's ``lr``: the constant rate, or ``[[0, lr], [lr_decay_steps, lr_final]]`` (linear, by lifetime env steps)."""
+        if not self.lr_decay_steps:
+            return self.lr
+        return [[0, self.lr], [int(self.lr_decay_steps), self.lr_final]]
 
     def to_dict(self) -> dict:
         return asdict(self)

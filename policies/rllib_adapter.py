@@ -80,7 +80,7 @@ def build_rllib_config(ppo: PPOConfig, env: EnvConfig) -> RLlibPPOConfig:
                      gym_env_vectorize_mode=gym.VectorizeMode.VECTOR_ENTRY_POINT, rollout_fragment_length=fragment,
                      sample_timeout_s=ppo.sample_timeout_s)
         .learners(num_learners=0)
-        .training(lr=ppo.lr, gamma=ppo.gamma, lambda_=ppo.lambda_, clip_param=ppo.clip, vf_clip_param=ppo.vf_clip,
+        .training(lr=ppo.lr_schedule(), gamma=ppo.gamma, lambda_=ppo.lambda_, clip_param=ppo.clip, vf_clip_param=ppo.vf_clip,
                   vf_loss_coeff=ppo.vf_loss_coeff, entropy_coeff=ppo.entropy_coeff, use_kl_loss=ppo.kl_coeff > 0,
                   kl_coeff=ppo.kl_coeff, grad_clip=ppo.grad_clip or None, train_batch_size_per_learner=ppo.train_batch_size,
                   minibatch_size=ppo.minibatch_size, num_epochs=ppo.num_epochs)
@@ -203,6 +203,7 @@ class PolicyTrainer:
             "policy_loss": _float(learner.get("policy_loss")),
             "vf_loss": _float(learner.get("vf_loss")),
             "entropy": _float(learner.get("entropy")),
+            "lr": _float(learner.get("default_optimizer_learning_rate")),
             "time_s": float(seconds),
         }
         m.update({f"reward/{t}": _float(runners.get(f"reward/{t}")) for t in TERMS})

@@ -9,9 +9,11 @@ from benchmarks.sim2real import (
     bootstrap_ci,
     first_reaching,
     flywheel_curve,
+    load_results,
     main,
     parse_seeds,
     ratio_ci,
+    save_results,
     summarise,
     table,
 )
@@ -107,3 +109,20 @@ def test_cli_refuses_bad_arguments_before_running(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--tasks", "walker"])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_results_keep_their_gap_and_a_changed_gap_drops_the_runs_that_used_it(tmp_path):
+    path = tmp_path / "results.json"
+    runs = {"cartpole": {"flywheel": {"1": [Point(2000, 100, 1.0)]}, "ppo-engine": {"1": [Point(0, 100, 0.0, 0.95)]},
+                         "ppo-reality": {"1": [Point(90000, 100, 0.95)]}}}
+    save_results(path, runs, {"cartpole": {"gain_scale": 0.7}})
+    assert load_results(path, {"cartpole": {"gain_scale": 0.7}}) == runs          # same gap: all kept, engine success too
+    said = []
+    kept = load_results(path, {"cartpole": {"gain_scale": 1.43}}, say=said.append)
+    assert kept == {"cartpole": {"ppo-reality": runs["cartpole"]["ppo-reality"]}}  # reality runs do not use the gap
+    assert len(said) == 2 and all("gain_scale" in s and "dropping" in s for s in said)
+
+
+def test_the_table_shows_the_engine_only_policy_in_its_own_engine():
+    results = {"cartpole": {"ppo-engine": {"1": [Point(0, 100, 0.0, 0.4), Point(0, 200, 0.06, 0.91)]}}}
+    assert "| 0.06 (engine 0.91) |" in table(results, 0.9)
