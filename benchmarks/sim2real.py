@@ -4,7 +4,8 @@
     python -m benchmarks.sim2real                  # pendulum and cartpole, seeds 1000,2000,3000 (README figures)
 
 Reality is the task as written; the simulator's engine is wrong in one parameter, its actuator gain (``GAPS``:
-43% stronger on the cartpole, 2x on the pendulum, where no gap tried makes the engine-only policy fail).
+30% weaker on the cartpole, which breaks the engine-only policy in reality; 2x on the pendulum, where no gap
+tried makes the engine-only policy fail). A results file keeps each task's gap; runs made with another are redone.
 Three approaches, each per seed, each evaluated in reality after every lap or PPO iteration:
 
     flywheel      ``flywheel run`` with a per-lap reality budget (``reality.steps_per_lap``): reality
@@ -141,11 +142,11 @@ class Setting:
     laps: int
 
 
-# The engine's actuator is stronger than reality's. A policy trained in the true physics still succeeds on the
-# pendulum 0.72 with a 30% weaker actuator (0.75 at 1.43x mass, 1.00 at 2x or 0.5x damping); PPO trained in a 2x
-# stronger engine reached 0.97 in reality: no single-parameter gap tried makes the pendulum fail. A cartpole policy
-# trained in the true physics fails (0.00) with a 30% weaker actuator, yet PPO trained in the 1.43x engine reached
-# 0.91-1.00 in reality (README, seeds 1000-3000): neither gap breaks transfer; a gap that does is still to be found.
+# Pendulum: a policy trained in the true physics still succeeds 0.72 with a 30% weaker actuator (0.75 at 1.43x mass,
+# 1.00 at 2x or 0.5x damping); PPO trained in a 2x stronger engine reached 0.97 in reality, in a 30% weaker one or
+# one with 1.3x the mass 1.00: no single-parameter gap tried makes the pendulum fail. Cartpole: PPO trained in a
+# 1.43x stronger engine transfers (0.91-1.00 in reality, seeds 1000-3000), PPO trained in a 30% weaker one does not
+# (0.06 in reality where it reached 0.91 in its own engine, seed 1000): the cartpole's gap is the weaker engine.
 GAPS = {"pendulum": {"gain_scale": 2.0}, "cartpole": {"gain_scale": 0.7}}
 _PENDULUM = ("reality.seed_steps=1000", "reality.steps_per_lap=200", "simulator.fidelity=0.5")
 _CARTPOLE = ("reality.seed_steps=2000", "reality.steps_per_lap=2000", "simulator.fidelity=0.5")
