@@ -325,7 +325,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out or f"runs/sim2real{'-quick' if args.quick else ''}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = load_results(path, {t: s.gap for t, s in settings.items()})
+    try:
+        results = load_results(path, {t: s.gap for t, s in settings.items()})
+    except (ValueError, KeyError, TypeError) as exc:
+        p.error(f"{path} is not a sim2real results file ({type(exc).__name__}: {exc}); move it away or choose another --out")
     t0 = time.time()
     for task in tasks:
         s = settings[task]

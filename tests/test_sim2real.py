@@ -126,3 +126,11 @@ def test_results_keep_their_gap_and_a_changed_gap_drops_the_runs_that_used_it(tm
 def test_the_table_shows_the_engine_only_policy_in_its_own_engine():
     results = {"cartpole": {"ppo-engine": {"1": [Point(0, 100, 0.0, 0.4), Point(0, 200, 0.06, 0.91)]}}}
     assert "| 0.06 (engine 0.91) |" in table(results, 0.9)
+
+
+def test_a_corrupt_results_file_is_one_line_and_kept(capsys, tmp_path):
+    (tmp_path / "results.json").write_text('{"gaps": {}, "tasks": {"cartpole": {"flywheel": {"1": [{"train": 1')
+    with pytest.raises(SystemExit):
+        main(["--tasks", "cartpole", "--out", str(tmp_path)])
+    assert "is not a sim2real results file" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text().endswith('"train": 1')
