@@ -362,6 +362,23 @@ def config_hash(cfg: FlywheelConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def keys_added_since(cfg: FlywheelConfig, saved: str | Path) -> tuple[list[str], str]:
+    """The keys of ``cfg`` that the saved config file lacks (added to Flywheel since it was written), and the
+    fingerprint ``config_hash`` gives ``cfg`` without them: equal to the run's, the new keys are all that changed."""
+    raw = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    added: list[str] = []
+
+    def prune(x: Any, y: Any, prefix: str) -> Any:
+        if not (isinstance(x, dict) and isinstance(y, dict)):
+            return x
+        added.extend(f"{prefix}{k}" for k in sorted(set(x) - set(y)))
+        return {k: prune(v, y[k], f"{prefix}{k}.") for k, v in x.items() if k in y}
+
+    data = {k: v for k, v in prune(to_container(cfg), raw, "").items() if k not in _HASH_EXCLUDED}
+    return [k for k in added if k.split(".")[0] not in _HASH_EXCLUDED], \
+        hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_diff(a: FlywheelConfig, b: FlywheelConfig) -> list[str]:
     """The dotted keys whose values differ (hash-relevant keys only), as ``key: old -> new``."""
     out: list[str] = []

@@ -28,7 +28,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from flywheel.config import ConfigError, FlywheelConfig, config_diff, config_hash, load_config, save_config
+from flywheel.config import (ConfigError, FlywheelConfig, config_diff, config_hash, keys_added_since, load_config,
+                             save_config)
 from flywheel.lap import LapContext, LapParts, LapRecord, run_lap, write_json
 from flywheel.report import format_table, load_history
 from flywheel.store import TrajectoryStore
@@ -87,6 +88,14 @@ class Orchestrator:
         saved = load_config(base=run_dir / "config.yaml")
         cfg = load_config(overrides or [], base=run_dir / "config.yaml")
         state = json.loads(state_path.read_text())
+        added, hash_without = keys_added_since(cfg, run_dir / "config.yaml")
+        if config_hash(cfg) != state["config_hash"] and added and not config_diff(saved, cfg) \
+                and hash_without == state["config_hash"]:
+            # keys Flywheel gained since the run started, at their defaults: the run's settings are unchanged
+            kw.get("say", print)(f"resume: config keys added since the run started take their defaults: "
+                                 f"{', '.join(added)}")
+            state["config_hash"] = config_hash(cfg)
+            state.setdefault("keys_added", []).append({"time": time.time(), "keys": added})
         if config_hash(cfg) != state["config_hash"]:
             diff = config_diff(saved, cfg) or ["(the saved config.yaml was edited after the run started)"]
             if not force:

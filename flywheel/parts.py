@@ -141,7 +141,7 @@ def fit_world_model(ctx: LapContext, data, init: Path | None):
 
     cfg = replace(ctx.cfg.world_model, seed=ctx.cfg.seed)
     init_bytes = Path(init).read_bytes() if init is not None else None
-    args = (ctx.cfg.task, data, cfg, init_bytes)
+    args = (ctx.cfg.task, data, cfg, init_bytes, vars(ctx.cfg.engine.params))
     if not ray.is_initialized():
         wm, metrics = _fit(*args)
         return wm, metrics
@@ -151,7 +151,7 @@ def fit_world_model(ctx: LapContext, data, init: Path | None):
     return _from_bytes(blob, ctx.cfg.task, cfg), metrics          # on the driver's device, as the run's config says
 
 
-def _fit(task: str, data, cfg, init_bytes: bytes | None):
+def _fit(task: str, data, cfg, init_bytes: bytes | None, engine_params: dict | None = None):
     from simulators.world_model import WorldModel
 
     if cfg.num_gpus > 0:
@@ -159,19 +159,20 @@ def _fit(task: str, data, cfg, init_bytes: bytes | None):
 
         cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else cfg.device)
     if init_bytes is None:
-        wm = WorldModel(task, data.states.shape[1], data.actions.shape[1], cfg)
+        wm = WorldModel(task, data.states.shape[1], data.actions.shape[1], cfg, base_params=engine_params)
     else:
         wm = _from_bytes(init_bytes, task, cfg)
     return wm, wm.fit(data)
 
 
-def _fit_remote(task: str, data, cfg, init_bytes: bytes | None) -> tuple[bytes, dict]:
+def _fit_remote(task: str, data, cfg, init_bytes: bytes | None, engine_params: dict | None = None
+                ) -> tuple[bytes, dict]:
     """The Ray task: fit, and send the checkpoint back as bytes (its digest is checked when loaded)."""
     import tempfile
 
     import ray
 
-    wm, metrics = _fit(task, data, cfg, init_bytes)
+    wm, metrics = _fit(task, data, cfg, init_bytes, engine_params)
     with tempfile.TemporaryDirectory() as tmp:
         wm.save(Path(tmp) / "wm.pt")
         blob = (Path(tmp) / "wm.pt").read_bytes()

@@ -13,7 +13,9 @@ Canonical loop (batched; every env auto-resets inside the step that ends its epi
 Modes (``MODES``):
 
 - ``blend``: ``s' = WM(s, a) + f (E(s, a) - WM(s, a))``. f = 1 is the engine exactly (no WM call for
-  the correction), f = 0 is the WM alone (no engine call).
+  the correction), f = 0 is the WM alone (no engine call). With a world model on an engine base
+  (``world_model.base=engine``: ``WM = E + D``) this is ``s' = E(s, a) + (1 - f) D(s, a)``: f scales how much
+  of the learned difference from the engine is kept.
 - ``reground``: the WM runs open loop and every ``k`` steps of an episode the state is replaced by the
   engine's step from the current state, with ``k = round(1 / f)`` (f = 1: every step, i.e. the engine;
   f = 0.5: every 2nd step; f = 0.1: every 10th; f = 0: never, i.e. the WM alone). About a fraction f

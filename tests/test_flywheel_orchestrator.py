@@ -304,3 +304,31 @@ def test_sweep_ablations_report_compounding_with_intervals(tmp_path, fakes):
     assert "mean [95% bootstrap CI] over seeds [3, 4, 5]" in text
     parent = Tracker.attach(sweep_dir)
     assert [s for s, _ in parent.metric_history("sweep/simulator.fidelity_1/compounding")] == [1]
+
+
+def test_a_run_from_before_a_config_key_existed_resumes_and_an_edited_one_does_not(tmp_path, fakes):
+    import hashlib
+
+    from flywheel.config import _HASH_EXCLUDED, to_container
+
+    orch = make(tmp_path, fakes, "laps=1")
+    orch.run()
+    run, lines = tmp_path / "run", []
+    # the run as an older Flywheel wrote it: no world_model.base in its config file nor in its fingerprint
+    text = (run / "config.yaml").read_text()
+    assert "  base: none\n" in text
+    (run / "config.yaml").write_text(text.replace("  base: none\n", "", 1))
+    old = to_container(orch.cfg)
+    del old["world_model"]["base"]
+    old = {k: v for k, v in old.items() if k not in _HASH_EXCLUDED}
+    state = json.loads((run / "state.json").read_text())
+    state["config_hash"] = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    (run / "state.json").write_text(json.dumps(state))
+    more = Orchestrator.resume(run, ["laps=2"], say=lines.append, parts=fakes["parts"])
+    assert any("added since the run started take their defaults: world_model.base" in m for m in lines)
+    assert [r["lap"] for r in more.run()] == [0, 1]
+    # a value edited in the file is still refused, naming nothing it cannot know
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("  base: none\n", "", 1)
+                                     .replace("require_success: true", "require_success: false"))
+    with pytest.raises(ConfigError, match="edited after the run started"):
+        Orchestrator.resume(run, ["laps=3"], say=lines.append, parts=fakes["parts"])

@@ -28,6 +28,7 @@ def save_checkpoint(wm, path) -> Path:
         "fitted": wm.fitted, "net": {k: v.detach().cpu() for k, v in wm.net.state_dict().items()},
         "norm": {k: v.detach().cpu() for k, v in wm.norm.items()},
         "state_scale": torch.as_tensor(wm.state_scale, dtype=torch.float64),
+        "base_params": dict(wm.base_params),
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -83,7 +84,7 @@ def load_checkpoint(cls, path, task: str | Task | None, state_size: int | None, 
     if diffs:
         raise ValueError(f"world-model checkpoint {path} does not match: " + "; ".join(diffs))
     config = saved if config is None else config
-    wm = cls(task, p["state_size"], p["action_size"], config)
+    wm = cls(task, p["state_size"], p["action_size"], config, base_params=p.get("base_params"))
     try:
         wm.net.load_state_dict(p["net"])
     except RuntimeError as exc:

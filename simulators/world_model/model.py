@@ -8,6 +8,7 @@ Canonical use::
     s1 = wm.step(states, actions)                  # ensemble mean (numpy)
     traj = wm.imagine(s0, actions)                 # [B, H, S] open loop
     wm.save(path)
+    wm = WorldModel(task, S, A, WorldModelConfig(base="engine"), base_params=engine_params)  # learns E's error
     wm = WorldModel.load(path)                               # as saved, fitting settings included
     wm = WorldModel.load(path, task, config=run_config)      # architecture checked, fitting settings from run_config
 
@@ -16,12 +17,18 @@ raw angles that wind past +-pi do not confuse the network; a task's observation 
 Markov) plus the action. Outputs are the mean and log-std of the *change* of the raw state vector,
 so predicted angles stay continuous with the input's. Inputs and outputs are normalised with
 statistics fitted on the first ``fit``'s training split.
+
+``config.base`` says what the predicted change is added to: ``"none"`` (the default), ``s' = s + D(s, a)``;
+``"engine"``, ``s' = E(s, a) + D(s, a)`` with ``E`` MuJoCo's C engine built with ``base_params`` (the
+simulator's engine parameters): the network then learns only where reality differs from the engine, which a
+few reality transitions can teach when the whole dynamics could not be learned from them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -36,7 +43,8 @@ from simulators.world_model.ensemble import GaussianEnsemble, member_mean
 # The fields that shape the network: stored in a checkpoint and checked when it is loaded with a config.
 # The other fields (learning rate, batch size, epochs, patience, holdout, seed, device, threads) say how
 # to fit and where to run, and come from the config given to ``WorldModel.load``.
-ARCHITECTURE: tuple[str, ...] = ("ensemble_size", "hidden_size", "num_layers")
+ARCHITECTURE: tuple[str, ...] = ("ensemble_size", "hidden_size", "num_layers", "base")
+BASES: tuple[str, ...] = ("none", "engine")
 
 
 @dataclass
@@ -56,8 +64,11 @@ class WorldModelConfig:
     device: str = "cpu"
     num_threads: int = 0        # torch CPU threads while fitting/predicting; 0 keeps torch's own setting
     num_gpus: float = 0.0       # GPUs the fitting task asks Ray for (0 = CPU); it fits on CUDA when it gets one
+    base: str = "none"          # the change is added to: "none" (s' = s + D), "engine" (s' = E(s, a) + D)
 
     def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"WorldModelConfig.base must be one of {', '.join(BASES)}, got {self.base!r}")
         for name in ("ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"WorldModelConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -100,9 +111,12 @@ def new_version() -> str:
 class WorldModel:
     """Probabilistic ensemble world model; numpy in -> numpy out, torch in -> torch out."""
 
-    def __init__(self, task: str | Task, state_size: int, action_size: int, config: WorldModelConfig | None = None):
+    def __init__(self, task: str | Task, state_size: int, action_size: int, config: WorldModelConfig | None = None,
+                 base_params: dict | None = None):
         self.task = make_task(task)
         self.config = config or WorldModelConfig()
+        self.base_params = {k: float(v) for k, v in (base_params or {}).items()} if self.config.base == "engine" else {}
+        self._base, self._base_lock = None, threading.Lock()
         self.state_size, self.action_size = int(state_size), int(action_size)
         self.device = torch.device(self.config.device)
         obs = self.task.observe(np.zeros((1, self.state_size)))
@@ -119,6 +133,27 @@ class WorldModel:
         self.version = new_version()
 
     # -- prediction ----------------------------------------------------------------------------
+    def base_step(self, states, actions) -> np.ndarray:
+        """What the change is added to, float64 ``[B, S]``: the states (base none) or the engine's step from them."""
+        s = np.asarray(states, dtype=np.float64)
+        if self.config.base == "none":
+            return s
+        finite = np.isfinite(s).all(axis=1)   # MuJoCo would reset a non-finite state: keep it non-finite instead
+        with self._base_lock:
+            if self._base is None:
+                from simulators.physics import make_engine
+
+                self._base = make_engine("mujoco", self.task, self.base_params or None)
+            out = self._base.step(np.where(finite[:, None], s, 0.0), actions)
+        return np.where(finite[:, None], out, np.nan)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_base", "_base_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._base, self._base_lock = None, threading.Lock()
+
     def _inputs(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.task.observe(states), actions], dim=1)
         return (x - self.norm["in_mean"]) / self.norm["in_std"]
@@ -165,14 +200,17 @@ class WorldModel:
         spread = mu - member_mean(mu)
         std = torch.sqrt(member_mean(sigma * sigma) + member_mean(spread * spread))
         if isinstance(states, torch.Tensor):
-            return states + delta.to(states), std.to(states)
-        s = np.asarray(states, dtype=np.float64)
-        return s + delta.double().cpu().numpy(), std.double().cpu().numpy()
+            if self.config.base == "none":
+                return states + delta.to(states), std.to(states)
+            acts = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else actions
+            base = torch.as_tensor(self.base_step(states.detach().cpu().numpy(), acts))
+            return base.to(states) + delta.to(states), std.to(states)
+        return self.base_step(states, actions) + delta.double().cpu().numpy(), std.double().cpu().numpy()
 
     def step(self, states, actions) -> np.ndarray:
         """Ensemble-mean next state ``[B, S]`` (float64 numpy)."""
         delta = self._delta(self._members(states, actions, with_std=False)[0])
-        return np.asarray(states, dtype=np.float64) + delta.double().cpu().numpy()
+        return self.base_step(states, actions) + delta.double().cpu().numpy()
 
     @torch.inference_mode()
     def disagreement(self, states, actions) -> np.ndarray:
@@ -193,19 +231,23 @@ class WorldModel:
         return out
 
     # -- training ------------------------------------------------------------------------------
+    def _changes(self, data: TransitionDataset) -> torch.Tensor:
+        """The training targets ``[N, S]``: each transition's next state minus the base (the state or the engine's step)."""
+        base = self.base_step(data.states, data.actions)
+        return torch.as_tensor(np.asarray(data.next_states, np.float64) - base, dtype=torch.float32, device=self.device)
+
     def _fit_normalisers(self, data: TransitionDataset) -> None:
         s = torch.as_tensor(data.states, dtype=torch.float32, device=self.device)
         a = torch.as_tensor(data.actions, dtype=torch.float32, device=self.device)
         x = torch.cat([self.task.observe(s), a], dim=1)
-        d = torch.as_tensor(data.next_states - data.states, dtype=torch.float32, device=self.device)
+        d = self._changes(data)
         self.norm = {"in_mean": x.mean(0), "in_std": x.std(0).clamp_min(1e-6),
                      "out_mean": d.mean(0), "out_std": d.std(0).clamp_min(1e-6)}
         self.state_scale = np.maximum(np.asarray(data.states, dtype=np.float64).std(0), 1e-6)
 
     def _tensors(self, data: TransitionDataset) -> tuple[torch.Tensor, torch.Tensor]:
         s, a = self._as_tensors(data.states, data.actions)
-        d = torch.as_tensor(data.next_states - data.states, dtype=torch.float32, device=self.device)
-        return self._inputs(s, a), (d - self.norm["out_mean"]) / self.norm["out_std"]
+        return self._inputs(s, a), (self._changes(data) - self.norm["out_mean"]) / self.norm["out_std"]
 
     @torch.no_grad()
     def _holdout_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -291,4 +333,5 @@ class WorldModel:
 
     def __repr__(self) -> str:
         return (f"WorldModel(task={self.task.name!r}, state_size={self.state_size}, action_size={self.action_size}, "
-                f"members={self.config.ensemble_size}, version={self.version!r}, fitted={self.fitted})")
+                f"members={self.config.ensemble_size}, base={self.config.base!r}, version={self.version!r}, "
+                f"fitted={self.fitted})")
