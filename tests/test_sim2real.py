@@ -134,3 +134,15 @@ def test_a_corrupt_results_file_is_one_line_and_kept(capsys, tmp_path):
         main(["--tasks", "cartpole", "--out", str(tmp_path)])
     assert "is not a sim2real results file" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text().endswith('"train": 1')
+
+
+def test_changed_flywheel_settings_drop_only_the_flywheel_runs(tmp_path):
+    path = tmp_path / "results.json"
+    gap = {"cartpole": {"gain_scale": 0.7}}
+    runs = {"cartpole": {"flywheel": {"1": [Point(2000, 100, 1.0)]}, "ppo-reality": {"1": [Point(90000, 100, 0.95)]}}}
+    save_results(path, runs, gap, {"cartpole": ("simulator.fidelity=0.5",)})
+    assert load_results(path, gap, flywheel={"cartpole": ("simulator.fidelity=0.5",)}) == runs
+    said = []
+    kept = load_results(path, gap, say=said.append, flywheel={"cartpole": ("world_model.base=engine",)})
+    assert kept == {"cartpole": {"ppo-reality": runs["cartpole"]["ppo-reality"]}}
+    assert len(said) == 1 and "simulator.fidelity=0.5" in said[0] and "world_model.base=engine" in said[0]
