@@ -69,7 +69,7 @@ def grade_step(step_result: Any, engine: Any, scale: np.ndarray, config: RewardC
     at the step that closes a window and are 0 elsewhere. Only the envs that closed a window go
     to the engine, all in one call.
     """
-    cfg = validate(config if config is not None else RewardConfig())
+    cfg = config if isinstance(config, RewardConfig) else validate(config if config is not None else RewardConfig())
     dense = np.asarray(step_result.task_reward, dtype=np.float64)
     B = dense.shape[0]
     ended = np.asarray(step_result.terminated, dtype=bool) | np.asarray(step_result.truncated, dtype=bool)

@@ -74,7 +74,7 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
     ``scale [S]`` normalises the residual per dimension (pass ``WorldModel.state_scale``; raised
     to ``config.scale_floor``); without it the residual is in raw state units.
     """
-    cfg = validate(config if config is not None else RewardConfig())
+    cfg = config if isinstance(config, RewardConfig) else validate(config if config is not None else RewardConfig())
     tol = cfg.tolerances
     spec = engine.spec
     s0, acts, im = _check_inputs(spec, start, actions, imagined)

@@ -276,6 +276,7 @@ class CorrectedSimulator:
         # Auto-reset of finished envs (windows restart with the new episode).
         done = terminated | truncated
         final_obs = self.task.observe(s1)
+        obs = final_obs.copy()              # observe only the rows that reset (a per-step cost at batch 1)
         s_next = s1.copy()
         if done.any():
             n = int(done.sum())
@@ -288,8 +289,9 @@ class CorrectedSimulator:
             self._win_k[done] = 0
             self._win_start[done] = fresh
             self._imagined_state[done] = fresh
+            obs[done] = self.task.observe(fresh)
         self._states = s_next
-        return StepResult(s, a, s1, self.task.observe(s_next), final_obs, reward, terminated, truncated,
+        return StepResult(s, a, s1, obs, final_obs, reward, terminated, truncated,
                           success & done, episode_ids, steps, window)
 
     def close(self) -> None:
