@@ -119,6 +119,26 @@ def flywheel_curve(run_dir: str | Path) -> list[Point]:
     return curve
 
 
+def seed_ratio(ours: int | None, ours_spent: int, theirs: int | None, theirs_spent: int,
+               goal: float = 0.1) -> tuple[str, bool | None]:
+    """One seed's flywheel / PPO-in-reality ratio of transitions to the threshold, and whether it meets ``goal``.
+
+    Where PPO did not reach the threshold its need is more than it spent, so the ratio is at most
+    ``ours / theirs_spent`` (``"<0.030"``); where the flywheel did not, at least ``ours_spent / theirs``
+    (``">0.150"``). ``None``: neither reached, or a bound that cannot decide the goal.
+    """
+    if ours is not None and theirs is not None:
+        r = ours / theirs
+        return f"{r:.3f}", r <= goal
+    if ours is not None and theirs_spent > 0:
+        r = ours / theirs_spent
+        return f"<{r:.3f}", True if r <= goal else None
+    if theirs is not None:
+        r = ours_spent / theirs
+        return f">{r:.3f}", False if r > goal else None
+    return "n/a", None
+
+
 def _k(v: float) -> str:
     """A transition count, compact: 950, 12.3k, 1.2M."""
     if not math.isfinite(v):
@@ -229,7 +249,7 @@ def table(results: dict, threshold: float) -> str:
              f"evaluation transitions (per seed) | last success (per seed) |", "|---|---|---|---|---|---|---|"]
     ratios = []
     for task, per in results.items():
-        hits = {}
+        hits, spent = {}, {}
         for approach in APPROACHES:
             runs = per.get(approach) or {}
             if not runs:
@@ -237,6 +257,8 @@ def table(results: dict, threshold: float) -> str:
             seeds = sorted(runs, key=int)
             points = [first_reaching(runs[s], threshold) for s in seeds]
             hits[approach] = [p.train if p else None for p in points]
+            spent[approach] = {s: (runs[s][-1].train if runs[s] else 0) for s in seeds}
+            hits[approach + "/seeds"] = seeds
             per_seed = ", ".join(_k(p.train) if p else f">{_k(runs[s][-1].train)}" if runs[s] else "-"
                                  for s, p in zip(seeds, points))
             evals = ", ".join(_k((p or runs[s][-1]).eval) if runs[s] else "-" for s, p in zip(seeds, points))
@@ -248,6 +270,16 @@ def table(results: dict, threshold: float) -> str:
             ratios.append(f"{task}: flywheel / ppo-reality = " + (f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] "
                           f"(goal <= 0.1: {'met' if r[2] <= 0.1 else 'not met' if r[1] > 0.1 else 'undecided'})"
                           if r else "n/a (not every seed reached the threshold)"))
+            ours = dict(zip(hits["flywheel/seeds"], hits["flywheel"]))
+            theirs = dict(zip(hits["ppo-reality/seeds"], hits["ppo-reality"]))
+            both = sorted(set(ours) & set(theirs), key=int)
+            per_seed = [seed_ratio(ours[s], spent["flywheel"][s], theirs[s], spent["ppo-reality"][s]) for s in both]
+            verdicts = [v for _, v in per_seed]
+            verdict = ("met on every seed" if all(v is True for v in verdicts) else
+                       "not met on " + ", ".join(s for s, v in zip(both, verdicts) if v is False)
+                       if any(v is False for v in verdicts) else "undecided on some seed")
+            ratios.append(f"{task}: per seed ({', '.join(both)}): {', '.join(t for t, _ in per_seed)} "
+                          f"(goal <= 0.1: {verdict})")
     return "\n".join(lines + [""] + ratios)
 
 

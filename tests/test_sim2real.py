@@ -146,3 +146,21 @@ def test_changed_flywheel_settings_drop_only_the_flywheel_runs(tmp_path):
     kept = load_results(path, gap, say=said.append, flywheel={"cartpole": ("world_model.base=engine",)})
     assert kept == {"cartpole": {"ppo-reality": runs["cartpole"]["ppo-reality"]}}
     assert len(said) == 1 and "simulator.fidelity=0.5" in said[0] and "world_model.base=engine" in said[0]
+
+
+def test_per_seed_ratio_bounds_where_one_side_did_not_reach():
+    from benchmarks.sim2real import seed_ratio
+
+    assert seed_ratio(5000, 5000, 88000, 88000) == ("0.057", True)
+    assert seed_ratio(6000, 6000, None, 200000) == ("<0.030", True)     # PPO needed more than the 200k it spent
+    assert seed_ratio(None, 14000, 120000, 120000) == (">0.117", False)
+    assert seed_ratio(None, 4000, 120000, 120000) == (">0.033", None)   # a lower bound under the goal decides nothing
+    assert seed_ratio(None, 4000, None, 1000) == ("n/a", None)
+
+
+def test_the_table_gives_a_verdict_per_seed():
+    results = {"cartpole": {"flywheel": {"1": [Point(5000, 10, 1.0)], "2": [Point(6000, 10, 0.95)]},
+                            "ppo-reality": {"1": [Point(88000, 10, 0.95)], "2": [Point(200000, 10, 0.03)]}}}
+    text = table(results, 0.9)
+    assert "cartpole: per seed (1, 2): 0.057, <0.030 (goal <= 0.1: met on every seed)" in text
+    assert "n/a (not every seed reached the threshold)" in text
