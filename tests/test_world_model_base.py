@@ -85,3 +85,16 @@ def test_a_lap_fits_on_the_simulator_engine_parameters(cartpole_data):
     assert wm.base_params == GAP and metrics["n_train"] > 0
     plain, _ = _fit("cartpole", cartpole_data[0], WorldModelConfig(**SMALL), None, GAP)
     assert plain.base_params == {}    # a model of the whole dynamics has no engine under it
+
+
+def test_torch_and_numpy_predictions_agree_on_an_engine_base(cartpole_data):
+    import torch
+
+    train, _ = cartpole_data
+    wm = _model("engine")
+    s, a = train.states[:16].astype(np.float64), train.actions[:16].astype(np.float64)
+    mean_np, std_np = wm.predict(s, a)
+    mean_t, std_t = wm.predict(torch.as_tensor(s), torch.as_tensor(a))     # the planner's path
+    assert isinstance(mean_t, torch.Tensor) and mean_t.dtype == torch.float64
+    assert np.allclose(mean_t.numpy(), mean_np, atol=1e-12) and np.allclose(std_t.numpy(), std_np)
+    assert np.allclose(mean_np, wm.step(s, a), atol=1e-12)
