@@ -12,6 +12,7 @@ A sweep is a parent run whose children carry the ``mlflow.parentRunId`` tag.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -67,24 +68,20 @@ class Tracker:
     """A handle on one MLflow run (created or reopened), through ``MlflowClient`` (no global active run)."""
 
     def __init__(self, uri: str, experiment: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
         quiet_mlflow()
         self.uri, self.experiment, self.run_id = uri, experiment, run_id
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, cfg: FlywheelConfig, run_dir: str | Path, run_name: str | None = None,
              parent_run_id: str | None = None, tags: dict | None = None) -> Tracker:
         """Reopen the run recorded in ``run_dir`` or create one (logging params and the resolved config)."""
-        from mlflow.tracking import MlflowClient
-
         quiet_mlflow()
         run_dir = Path(run_dir)
         uri = tracking_uri(cfg)
         saved = run_dir / RUN_FILE
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         if saved.exists():
             info = json.loads(saved.read_text())
             if info["uri"] != uri:
@@ -153,6 +150,26 @@ class Tracker:
     @property
     def ui_hint(self) -> str:
         return f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite") else self.uri
+
+
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` whose store is ready. A SQLite store is created (and its schema migrated) under an
+    exclusive lock on ``<db>.lock``: runs started at once on a new store would otherwise race in MLflow's
+    migration and fail ("table _alembic_tmp_metrics already exists")."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)      # creates the store, and migrates it, now
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def experiment_id(client, name: str, runs_root: str | Path) -> str:

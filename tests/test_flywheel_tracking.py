@@ -80,3 +80,27 @@ def test_sweep_summary_has_a_row_per_setting_with_mean_and_spread(tmp_path):
     assert len(text.splitlines()) == 3 + 2 and "2.05 [2, 2.1]" in text
     path = plot_sweep({"capability/success_rate": summary}, tmp_path / "sweep.png")
     assert path.stat().st_size > 1000
+
+
+def test_runs_started_at_once_on_a_new_sqlite_store_all_open(tmp_path):
+    """Three processes open runs on one new SQLite store at the same moment (a user launching seeds in parallel):
+    each gets its run; none dies in MLflow's schema migration."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 3.0
+    code = ("import sys, time\n"
+            "from flywheel.config import load_config\n"
+            "from flywheel.tracking import Tracker\n"
+            f"cfg = load_config(['runs_root={tmp_path}', 'seed=' + sys.argv[1]])\n"
+            f"time.sleep(max(0.0, {start} - time.time()))\n"
+            f"t = Tracker.open(cfg, '{tmp_path}/run-' + sys.argv[1])\n"
+            "t.log_metrics({'capability/success_rate': 1.0}, step=0)\n"
+            "t.finish('FINISHED')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    trackers = [Tracker.attach(tmp_path / f"run-{i}") for i in range(3)]
+    assert len({t.run_id for t in trackers}) == 3
+    assert all(t.client.get_run(t.run_id).info.status == "FINISHED" for t in trackers)
