@@ -26,7 +26,7 @@ from rewards.task import task_term
 
 def _weights(weights: Any) -> dict[str, float]:
     if dataclasses.is_dataclass(weights):
-        weights = dataclasses.asdict(weights)
+        weights = {f.name: getattr(weights, f.name) for f in dataclasses.fields(weights)}   # flat: no deep copy
     elif not isinstance(weights, Mapping):
         weights = {k: getattr(weights, k) for k in TERMS if hasattr(weights, k)}
     out = {}
