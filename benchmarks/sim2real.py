@@ -166,9 +166,10 @@ class Setting:
 # Pendulum: a policy trained in the true physics still succeeds 0.72 with a 30% weaker actuator (0.75 at 1.43x mass,
 # 1.00 at 2x or 0.5x damping); PPO trained in a 2x stronger engine reached 0.97 in reality, in a 30% weaker one or
 # one with 1.3x the mass 1.00: no single-parameter gap tried makes the pendulum fail. Not even 4x: PPO trained in a
-# 4x stronger engine was at 0.00 in reality for 20 iterations, then reached 0.91-1.00 (seeds 1000-3000). Cartpole: PPO trained in a
-# 1.43x stronger engine transfers (0.91-1.00 in reality, seeds 1000-3000), PPO trained in a 30% weaker one does not
-# (0.06 in reality where it reached 0.91 in its own engine, seed 1000): the cartpole's gap is the weaker engine.
+# 4x stronger engine was at 0.00 in reality for up to 20 iterations, then reached 0.91-1.00 (seeds 1000-3000).
+# Cartpole: PPO trained in a 1.43x stronger engine transfers (0.91-1.00 in reality, seeds 1000-3000), PPO trained
+# in a 30% weaker one does not (0.06 in reality where it reached 0.91 in its own engine, seed 1000): the cartpole's
+# gap is the weaker engine.
 GAPS = {"pendulum": {"gain_scale": 2.0}, "cartpole": {"gain_scale": 0.7}}
 _PENDULUM = ("reality.seed_steps=1000", "reality.steps_per_lap=200", "simulator.fidelity=0.5")
 # Cartpole: the world model learns reality's difference from the engine (world_model.base=engine) and the policy
