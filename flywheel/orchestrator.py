@@ -28,8 +28,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from flywheel.config import (ConfigError, FlywheelConfig, config_diff, config_hash, keys_added_since, load_config,
-                             save_config)
+from flywheel.config import ConfigError, FlywheelConfig, config_diff, config_hash, keys_added_since, load_config, save_config
 from flywheel.lap import LapContext, LapParts, LapRecord, run_lap, write_json
 from flywheel.report import format_table, load_history
 from flywheel.store import TrajectoryStore
