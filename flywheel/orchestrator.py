@@ -87,9 +87,9 @@ class Orchestrator:
         saved = load_config(base=run_dir / "config.yaml")
         cfg = load_config(overrides or [], base=run_dir / "config.yaml")
         state = json.loads(state_path.read_text())
-        added, hash_without = keys_added_since(cfg, run_dir / "config.yaml")
-        if config_hash(cfg) != state["config_hash"] and added and not config_diff(saved, cfg) \
-                and hash_without == state["config_hash"]:
+        added, hash_without = keys_added_since(cfg, run_dir / "config.yaml") \
+            if config_hash(cfg) != state["config_hash"] else ([], state["config_hash"])
+        if added and not config_diff(saved, cfg) and hash_without == state["config_hash"]:
             # keys Flywheel gained since the run started, at their defaults: the run's settings are unchanged
             kw.get("say", print)(f"resume: config keys added since the run started take their defaults: "
                                  f"{', '.join(added)}")

@@ -236,18 +236,18 @@ class WorldModel:
         base = self.base_step(data.states, data.actions)
         return torch.as_tensor(np.asarray(data.next_states, np.float64) - base, dtype=torch.float32, device=self.device)
 
-    def _fit_normalisers(self, data: TransitionDataset) -> None:
+    def _fit_normalisers(self, data: TransitionDataset, d: torch.Tensor) -> None:
         s = torch.as_tensor(data.states, dtype=torch.float32, device=self.device)
         a = torch.as_tensor(data.actions, dtype=torch.float32, device=self.device)
         x = torch.cat([self.task.observe(s), a], dim=1)
-        d = self._changes(data)
         self.norm = {"in_mean": x.mean(0), "in_std": x.std(0).clamp_min(1e-6),
                      "out_mean": d.mean(0), "out_std": d.std(0).clamp_min(1e-6)}
         self.state_scale = np.maximum(np.asarray(data.states, dtype=np.float64).std(0), 1e-6)
 
-    def _tensors(self, data: TransitionDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tensors(self, data: TransitionDataset, d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         s, a = self._as_tensors(data.states, data.actions)
-        return self._inputs(s, a), (self._changes(data) - self.norm["out_mean"]) / self.norm["out_std"]
+        d = self._changes(data) if d is None else d
+        return self._inputs(s, a), (d - self.norm["out_mean"]) / self.norm["out_std"]
 
     @torch.no_grad()
     def _holdout_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -270,9 +270,10 @@ class WorldModel:
         if len(dataset) < 2:
             raise ValueError(f"world model fit needs at least 2 transitions, got {len(dataset)}")
         train, hold = dataset.split_episodes(cfg.holdout, seed=cfg.seed)
+        d = self._changes(train)      # with an engine base, the engine steps the training set once
         if not self.fitted or reinit:
-            self._fit_normalisers(train)
-        x, y = self._tensors(train)
+            self._fit_normalisers(train, d)
+        x, y = self._tensors(train, d)
         hx, hy = self._tensors(hold) if len(hold) else (x, y)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
