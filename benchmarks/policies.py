@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4096, help="env steps sampled per runner")
     p.add_argument("--runners", type=int, nargs="+", default=[1])
     p.add_argument("--envs", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--lanes", type=int, default=2, help="sessions per runner stepped in turn (the pipelined sampler)")
     p.add_argument("--gym-env", default="Pendulum-v1", help="RLlib's default sampler runs this gymnasium env")
     p.add_argument("--no-ppo", action="store_true", help="sampling only, no PPO run to --threshold")
     p.add_argument("--threshold", type=float, default=80.0, help="return in reality that PPO must reach")
@@ -67,22 +68,26 @@ def main() -> None:
                 rate = {}
                 ppo = ppo_config_for(args.task, num_env_runners=runners, num_envs_per_runner=envs,
                                      num_cpus_per_runner=0.5)
-                for kind, addresses in (("grpc", [s.address for s in servers[:runners]]), ("local", ["local"])):
-                    trainer = PolicyTrainer(ppo, EnvConfig(task=args.task, addresses=addresses, local_engine="mujoco"))
+                served = [s.address for s in servers[:runners]]
+                for kind, addresses, lanes in (("grpc", served, 1), ("lanes", served, args.lanes), ("local", ["local"], 1)):
+                    trainer = PolicyTrainer(ppo, EnvConfig(task=args.task, addresses=addresses, local_engine="mujoco",
+                                                           lanes=lanes))
                     rate[kind] = sample_rate(trainer.algo, args.steps)
                     trainer.stop()
                 algo = rllib_default_algo(args.gym_env, ppo, runners, envs)
                 rate["default"] = sample_rate(algo, args.steps)
                 algo.stop()
-                rows.append((runners, envs, rate["grpc"], rate["local"], rate["default"]))
-                print(f"  {runners} runner(s) x {envs} envs: gRPC {rate['grpc']:.0f}, in-process {rate['local']:.0f}, "
-                      f"RLlib default {rate['default']:.0f} env steps/s", flush=True)
+                rows.append((runners, envs, rate["grpc"], rate["lanes"], rate["local"], rate["default"]))
+                print(f"  {runners} runner(s) x {envs} envs: gRPC {rate['grpc']:.0f}, gRPC in {args.lanes} lanes "
+                      f"{rate['lanes']:.0f}, in-process {rate['local']:.0f}, RLlib default {rate['default']:.0f} "
+                      "env steps/s", flush=True)
         print(f"\nRLlib sampling, env steps/s ({args.steps} steps per runner; {args.task} served vs {args.gym_env})")
-        print(f"| runners | envs/runner | through the service | in-process | RLlib default, {args.gym_env} "
-              "| service / default | service / in-process |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for r, e, g, loc, d in rows:
-            print(f"| {r} | {e} | {g:,.0f} | {loc:,.0f} | {d:,.0f} | {g / d:.2f} | {g / loc:.2f} |")
+        print(f"| runners | envs/runner | service, 1 lane | service, {args.lanes} lanes | in-process | RLlib default, "
+              f"{args.gym_env} | 1 lane / default | {args.lanes} lanes / default | {args.lanes} lanes / in-process |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r, e, g, lanes, loc, d in rows:
+            print(f"| {r} | {e} | {g:,.0f} | {lanes:,.0f} | {loc:,.0f} | {d:,.0f} | {g / d:.2f} | {lanes / d:.2f} "
+                  f"| {lanes / loc:.2f} |")
         if args.no_ppo:
             return
 

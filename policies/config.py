@@ -118,6 +118,7 @@ class EnvConfig:
     reward_weights: dict[str, float] = field(default_factory=dict)
     world_model_version: str = ""       # "" = the server's current world model
     streaming: bool = False             # bidirectional streaming Step instead of unary calls
+    lanes: int = 1                      # sessions per runner stepped in turn (2: policy and server overlap)
     timeout_s: float = 60.0             # per gRPC call
     seed: int = 0                       # runner i seeds its session with seed + 1000 * i
     local_engine: str = "mujoco"        # physics of the in-process simulator when addresses == ["local"]
@@ -137,6 +138,9 @@ class EnvConfig:
             raise ValueError("EnvConfig.mode must name a corrected-simulator mode, e.g. 'blend'")
         if self.horizon < 0 or self.timeout_s <= 0:
             raise ValueError(f"EnvConfig.horizon must be >= 0 and timeout_s > 0, got {self.horizon}, {self.timeout_s}")
+        if not 1 <= self.lanes <= 8:
+            raise ValueError(f"EnvConfig.lanes must be in [1, 8] (sessions per EnvRunner stepped in turn), "
+                             f"got {self.lanes!r}")
         if self.server_nodes and len(self.server_nodes) != len(self.addresses):
             raise ValueError(f"EnvConfig.server_nodes must name one node per address ({len(self.addresses)}) or be "
                              f"empty, got {len(self.server_nodes)}")

@@ -13,6 +13,7 @@ sample, so RLlib takes it out of service, restores it and this module syncs it b
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO  # noqa: E402
 
 from policies.checkpoint import state_digest  # noqa: E402
 from policies.config import LOCAL, EnvConfig  # noqa: E402
+from policies.pipelined_sampler import lanes_of, sample_lanes  # noqa: E402
 
 ENV_NAME = "flywheel-served-simulator"
 TERMS = ("task", "imagination", "physics", "total")
@@ -62,12 +64,22 @@ def make_served_env(ctx: dict) -> gym.vector.VectorEnv:
                               horizon=env.horizon, config=ServerConfig(task=env.task, engine=env.local_engine))
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     errors = []
+    seed, num_envs = env.seed + 1000 * _runner_index, int(ctx["num_envs"])
     for address in env.server_order(node, max(_runner_index - 1, 0)):
+        def session(lane: int, n: int, seed: int, address: str = address, client=None) -> RemoteVectorEnv:
+            return RemoteVectorEnv(address, env.task, n, fidelity=env.fidelity, mode=env.mode, seed=seed,
+                                   reward_weights=env.reward_weights or None, horizon=env.horizon,
+                                   world_model_version=env.world_model_version, streaming=env.streaming,
+                                   timeout=env.timeout_s, client=client, **env.credentials())
         try:
-            return RemoteVectorEnv(address, env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
-                                   seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
-                                   horizon=env.horizon, world_model_version=env.world_model_version,
-                                   streaming=env.streaming, timeout=env.timeout_s, **env.credentials())
+            if env.lanes == 1:
+                return session(0, num_envs, seed)
+            from services.client import SimulatorClient
+            from services.lanes import LanedVectorEnv
+
+            client = SimulatorClient(address, timeout=env.timeout_s, **env.credentials())   # one channel, all lanes
+            return LanedVectorEnv(functools.partial(session, client=client), num_envs, env.lanes, seed=seed,
+                                  on_close=client.close)    # closes the client if a lane cannot be opened, too
         except Exception as exc:  # noqa: BLE001 - try the next server, report all if none answers
             errors.append(f"{address}: {exc}")
     raise ConnectionError("no simulator server accepted a session:\n" + "\n".join(errors))
@@ -78,6 +90,7 @@ class FlywheelEnvRunner(SingleAgentEnvRunner):
 
     _flywheel_synced = False
     _flywheel_last_sample: dict | None = None
+    _flywheel_lanes = None      # the pipelined sampler's per-lane state (None: reset before a laned sample)
 
     def make_env(self) -> None:
         global _runner_index
@@ -92,6 +105,14 @@ class FlywheelEnvRunner(SingleAgentEnvRunner):
         episodes = super().sample(**kwargs)
         self._flywheel_last_sample = _first_step(episodes, digest)
         return episodes
+
+    def _sample(self, *, num_timesteps=None, num_episodes=None, explore, random_actions=False, force_reset=False):
+        """RLlib's loop, or with a laned env the pipelined one (``policies.pipelined_sampler``) for timesteps."""
+        if num_timesteps is None or random_actions or lanes_of(self) is None:
+            self._flywheel_lanes = None        # RLlib's loop resets what it needs; lanes start afresh after it
+            return super()._sample(num_timesteps=num_timesteps, num_episodes=num_episodes, explore=explore,
+                                   random_actions=random_actions, force_reset=force_reset)
+        return sample_lanes(self, num_timesteps=num_timesteps, explore=explore, force_reset=force_reset)
 
     def flywheel_digest(self) -> dict:
         """Index, pid, the module's state keys and their ``state_digest``."""
@@ -140,11 +161,19 @@ def runner_probe(runner) -> dict:
 class ServedRewardMetrics(RLlibCallback):
     """Logs the service's per-term rewards and episode success; syncs restarted runners before they sample."""
 
-    def on_episode_step(self, *, episode, metrics_logger=None, **kwargs) -> None:
-        info = episode.get_infos(-1)
-        for term in TERMS:
-            if f"reward/{term}" in info:
-                metrics_logger.log_value(f"reward/{term}", float(info[f"reward/{term}"]), reduce="mean")
+    def on_sample_end(self, *, env_runner=None, metrics_logger=None, samples=(), **kwargs) -> None:
+        """``reward/<term>``: the mean per-step reward of the steps in this sample (one value per sample, not
+        one per env step: a per-step log costs the sampler more than the step itself)."""
+        sums, steps = dict.fromkeys(TERMS, 0.0), 0
+        for episode in samples:
+            for info in episode.get_infos():
+                if "reward/total" in info:
+                    steps += 1
+                    for term in TERMS:
+                        sums[term] += float(info[f"reward/{term}"])
+        if steps and metrics_logger is not None:
+            for term in TERMS:
+                metrics_logger.log_value(f"reward/{term}", sums[term] / steps, reduce="mean")
 
     def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
         info = episode.get_infos(-1)

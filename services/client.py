@@ -276,6 +276,7 @@ class Session:
         self._seq = 0
         self._stream = None
         self._streaming = False
+        self._pending: PendingStep | None = None   # a step_start not yet answered
 
     def recreate(self) -> SessionInfo:
         """Open a new server-side session with this one's settings (after the server lost it, e.g. it restarted).
@@ -293,6 +294,8 @@ class Session:
             raise SimulatorError(grpc.StatusCode.FAILED_PRECONDITION, f"the re-created session {info.session_id} has "
                                  f"{info.num_envs} {info.task} envs, expected {old.num_envs} {old.task} envs",
                                  "CreateSession")
+        if self._pending is not None:           # its answer belongs to the lost session
+            self._pending.cancel()
         self.info, self.id, self.recreated, self._seq = info, info.session_id, self.recreated + 1, 0
         if self._stream is not None:
             self._stream.close()
@@ -315,10 +318,28 @@ class Session:
 
     def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
         """Step every env with ``actions [B, A]`` (float32 on the wire); envs flagged in ``hold [B]`` stay put."""
+        return StepReply.from_proto(self._sequenced("Step", self._step_request(actions, hold)))
+
+    def step_start(self, actions: np.ndarray, hold: np.ndarray | None = None) -> PendingStep:
+        """``step`` without waiting: the call is on its way when this returns; ``.result()`` is its ``StepReply``.
+
+        One step at a time per session (the next needs this one's sequence number used up): call ``result``
+        before the next ``step``/``step_start``. Over a stream, the step is answered before this returns.
+        """
+        request = self._step_request(actions, hold)
+        if self._streaming:
+            return PendingStep(self, request, None, self._sequenced("Step", request))
+        future = self.client._stub.Step.future(request, timeout=self.client.timeout, metadata=self.client.metadata)
+        self._pending = PendingStep(self, request, future)
+        return self._pending
+
+    def _step_request(self, actions: np.ndarray, hold: np.ndarray | None) -> pb.StepRequest:
+        if self._pending is not None:
+            raise RuntimeError(f"session {self.id} has a step in flight; call its result() first")
         request = pb.StepRequest(session_id=self.id, seq=self._seq + 1, actions=encode(actions, "float32"))
         if hold is not None and np.any(hold):
             request.hold.CopyFrom(encode(np.asarray(hold, bool), "bool"))
-        return StepReply.from_proto(self._sequenced("Step", request))
+        return request
 
     def _sequenced(self, method: str, request):
         """Send a numbered call; the number is used up only when the server answered it.
@@ -347,12 +368,50 @@ class Session:
     def close(self) -> dict:
         """Close the session (the server flushes its recorder); returns transitions served and shard files."""
         self._streaming = False
+        if self._pending is not None:
+            self._pending.cancel()
         if self._stream is not None:
             self._stream.close()
             self._stream = None
         r = self.client.call("CloseSession", pb.CloseSessionRequest(session_id=self.id),
                              retry_seconds=min(self.client.retry_seconds, 5.0))   # a gone server has nothing to close
         return {"transitions": int(r.transitions), "shards": list(r.shards), "wm_version": r.wm_version}
+
+
+class PendingStep:
+    """A Step on its way (``Session.step_start``); ``result()`` waits for its ``StepReply`` (once).
+
+    An answer that did not come because the server was unavailable is asked again with the same request
+    (its sequence number makes that safe: the server answers a step it already ran from its cache); any
+    other failure raises the ``SimulatorError`` a blocking ``step`` would.
+    """
+
+    def __init__(self, session: Session, request: pb.StepRequest, future, response: pb.StepResponse | None = None):
+        self.session, self.request, self._future, self._response = session, request, future, response
+
+    def result(self) -> StepReply:
+        if self._response is None:
+            if self._future is None:
+                raise RuntimeError("this step's result was already taken")
+            session, future, self._future = self.session, self._future, None
+            session._pending = None
+            try:
+                response = future.result()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise _ERRORS.get(code, SimulatorError)(code, exc.details() or "", "Step") from None
+                response = session.client.call("Step", self.request)   # retried with backoff, same sequence number
+            session._seq = self.request.seq
+            self._response = response
+        return StepReply.from_proto(self._response)
+
+    def cancel(self) -> None:
+        """Give up on the answer (closing a session or env with a step in flight)."""
+        if self._future is not None:
+            self._future.cancel()
+            self._future = None
+            self.session._pending = None
 
 
 class _StepStream:

@@ -31,6 +31,7 @@ as after any next-step autoreset. ``env.sessions_recreated`` counts these.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from services.auth import ClientCredentials
-from services.client import NotFound, SessionInfo, SimulatorClient, StepReply, Unavailable
+from services.client import NotFound, SessionInfo, SimulatorClient, SimulatorError, StepReply, Unavailable
 
 TERMS = ("task", "imagination", "physics")
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class SimulatorVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._pending = np.zeros(self.num_envs, dtype=bool)
         self._needs_reset = True
+        self._in_flight: tuple | None = None     # (backend token, held envs) of a step_async not yet waited for
 
     # -- backend -------------------------------------------------------------------------------
     def _reset(self, seed: int | None) -> np.ndarray:
@@ -71,9 +73,19 @@ class SimulatorVectorEnv(VectorEnv):
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
         raise NotImplementedError
 
+    def _send(self, actions: np.ndarray, hold: np.ndarray | None) -> object:
+        """Start a step; what ``_receive`` needs to finish it (here: the finished step)."""
+        return self._step(actions, hold)
+
+    def _receive(self, token) -> StepReply:
+        return token
+
     def _episode_ids(self) -> np.ndarray | None:
         """``[B]`` the episodes the last reset started (None when the backend does not say)."""
         return None
+
+    def _drop_in_flight(self) -> None:
+        """Forget a step that was sent and not waited for (before a reset)."""
 
     # -- gymnasium -----------------------------------------------------------------------------
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
@@ -81,6 +93,9 @@ class SimulatorVectorEnv(VectorEnv):
         seed = self._seed(seed)
         self._check_options(options)
         super().reset(seed=seed if isinstance(seed, int) else None)
+        if self._in_flight is not None:        # a step sent but never waited for: its answer is dropped
+            self._in_flight = None
+            self._drop_in_flight()
         obs = self._reset(seed)
         self._pending[:] = False
         self._needs_reset = False
@@ -119,16 +134,31 @@ class SimulatorVectorEnv(VectorEnv):
             raise RuntimeError(f"{type(self).__name__} is closed; create a new env")
 
     def step(self, actions):
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions) -> None:
+        """Send ``actions`` (checked as ``step`` checks them) and return; ``step_wait`` gives what ``step`` would.
+
+        A served env's step is on the wire meanwhile, so the caller can compute something else (another
+        lane's actions: ``services.lanes``); an in-process env steps here.
+        """
         self._check_open()
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
-        a = np.asarray(actions, dtype=np.float32)
-        if a.shape != self.action_space.shape:
-            raise ValueError(f"actions have shape {a.shape}, expected {self.action_space.shape} (num_envs, action_size)")
-        if not np.isfinite(a).all():
-            raise ValueError(f"non-finite action in env(s) {np.flatnonzero(~np.isfinite(a).all(axis=1))[:10].tolist()}")
+        if self._in_flight is not None:
+            raise RuntimeError("a step is already in flight; call step_wait() before the next step")
+        a = check_actions(actions, self.action_space.shape)
         held = self._pending
-        out = self._step(a, held if held.any() else None)
+        self._in_flight = (self._send(a, held if held.any() else None), held)
+
+    def step_wait(self):
+        """The step ``step_async`` sent: ``(obs, reward, terminated, truncated, info)`` as ``step`` returns them."""
+        if self._in_flight is None:
+            raise RuntimeError("step_wait() without a step in flight; call step_async(actions) first")
+        token, held = self._in_flight
+        self._in_flight = None
+        out = self._receive(token)
         ended = out.terminated | out.truncated
         live = ~held
         obs = np.where((ended & live)[:, None], out.final_observations, out.observations).astype(np.float32)
@@ -146,9 +176,21 @@ class SimulatorVectorEnv(VectorEnv):
         return obs, reward, terminated, truncated, info
 
 
+def check_actions(actions, shape: tuple[int, ...]) -> np.ndarray:
+    """``actions`` as float32 ``shape`` ``(num_envs, action_size)``, all finite; a ``ValueError`` naming what is wrong."""
+    a = np.asarray(actions, dtype=np.float32)
+    if a.shape != shape:
+        raise ValueError(f"actions have shape {a.shape}, expected {shape} (num_envs, action_size)")
+    if not np.isfinite(a).all():
+        raise ValueError(f"non-finite action in env(s) {np.flatnonzero(~np.isfinite(a).all(axis=1))[:10].tolist()}")
+    return a
+
+
 class RemoteVectorEnv(SimulatorVectorEnv):
     """A ``VectorEnv`` over one session of a simulator server (numpy, gymnasium and grpc only).
 
+    ``client`` shares an open ``SimulatorClient`` (one channel for several sessions, e.g. the lanes of
+    ``services.lanes``; the env then leaves it open on close).
     ``timeout`` bounds every call, connecting included. ``token``/``token_file`` and ``tls_root_cert``
     (or ``credentials``) are what a secured server wants; left out, they come from ``$FLYWHEEL_TOKEN``,
     ``$FLYWHEEL_TOKEN_FILE`` and ``$FLYWHEEL_TLS_ROOT_CERT`` (``services.auth.ClientCredentials.from_env``).
@@ -158,15 +200,19 @@ class RemoteVectorEnv(SimulatorVectorEnv):
                  seed: int = 0, reward_weights: dict[str, float] | None = None, horizon: int = 0,
                  world_model_version: str = "", streaming: bool = False, timeout: float = 60.0,
                  max_message_mb: int = 256, token: str | None = None, token_file: str | None = None,
-                 tls_root_cert: str | None = None, credentials: ClientCredentials | None = None):
-        self.client = SimulatorClient(address, timeout=timeout, max_message_mb=max_message_mb, token=token,
-                                      token_file=token_file, tls_root_cert=tls_root_cert, credentials=credentials)
+                 tls_root_cert: str | None = None, credentials: ClientCredentials | None = None,
+                 client: SimulatorClient | None = None):
+        self._owns_client = client is None
+        self.client = client or SimulatorClient(address, timeout=timeout, max_message_mb=max_message_mb, token=token,
+                                                token_file=token_file, tls_root_cert=tls_root_cert,
+                                                credentials=credentials)
         try:
             self.session = self.client.create_session(task, num_envs, fidelity=fidelity, mode=mode, seed=seed,
                                                       world_model_version=world_model_version,
                                                       reward_weights=reward_weights, horizon=horizon)
         except BaseException:
-            self.client.close()
+            if self._owns_client:
+                self.client.close()
             raise
         if streaming:
             self.session.use_stream()
@@ -190,12 +236,25 @@ class RemoteVectorEnv(SimulatorVectorEnv):
         return obs
 
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
+        return self._receive(self._send(actions, hold))
+
+    def _send(self, actions: np.ndarray, hold: np.ndarray | None) -> tuple:
+        return self.session.step_start(actions, hold), hold
+
+    def _receive(self, token) -> StepReply:
+        pending, hold = token
         try:
-            out = self.session.step(actions, hold)
+            out = pending.result()
         except NotFound:
             return self._truncated(hold)
         self._current = out.observations
         return out
+
+    def _drop_in_flight(self) -> None:
+        pending = self.session._pending
+        if pending is not None:
+            with contextlib.suppress(SimulatorError):   # the reset that follows decides whether the session lives
+                pending.result()
 
     def _recreate(self) -> None:
         lost = self.session.id
@@ -223,4 +282,5 @@ class RemoteVectorEnv(SimulatorVectorEnv):
         except (NotFound, Unavailable):   # the server already dropped the session or went away
             pass
         finally:
-            self.client.close()
+            if self._owns_client:
+                self.client.close()
