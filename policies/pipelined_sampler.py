@@ -12,8 +12,8 @@ lane 0 is being stepped, and so on round the lanes::
 Each lane is sampled exactly as RLlib samples a vector env (the same connectors with that lane's
 episodes, the same episode objects, callbacks and metrics), so the learner gets the same kind of data;
 only the order in which envs are stepped changes. A sample ends with no step in flight: a lane whose
-step was sent is waited for and recorded (so a sample may hold up to one lane's envs more steps than
-asked, as RLlib's may hold up to ``num_envs - 1`` more). A lane step that fails is handled as RLlib
+step was sent is waited for and recorded (so a sample holds fewer than ``num_envs`` steps more than asked,
+the bound RLlib's own loop has). A lane step that fails is handled as RLlib
 handles a failed env step (``restart_failed_sub_environments``: re-make the env and reset; else raise).
 """
 

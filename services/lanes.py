@@ -38,16 +38,14 @@ class LanedVectorEnv(VectorEnv):
 
     def __init__(self, make_lane: Callable[[int, int, int], SimulatorVectorEnv], num_envs: int, lanes: int,
                  seed: int = 0, on_close: Callable[[], None] | None = None):
-        self._on_close = on_close
-        if not 1 <= int(lanes) <= min(MAX_LANES, int(num_envs)):
-            raise ValueError(f"lanes must be in [1, min({MAX_LANES}, num_envs={num_envs})], got {lanes!r}")
-        sizes = [len(part) for part in np.array_split(np.arange(int(num_envs)), int(lanes))]
-        edges = np.cumsum([0, *sizes])
-        self.bounds = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-        self.sizes = sizes
-        self.lanes: list[SimulatorVectorEnv] = []
+        self._on_close, self.lanes = None, []    # until every lane is open, a failure closes what was opened
         try:
-            for lane, n in enumerate(sizes):
+            if not 1 <= int(lanes) <= min(MAX_LANES, int(num_envs)):
+                raise ValueError(f"lanes must be in [1, min({MAX_LANES}, num_envs={num_envs})], got {lanes!r}")
+            self.sizes = [len(part) for part in np.array_split(np.arange(int(num_envs)), int(lanes))]
+            edges = np.cumsum([0, *self.sizes])
+            self.bounds = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+            for lane, n in enumerate(self.sizes):
                 self.lanes.append(make_lane(lane, n, lane_seed(seed, lane)))
         except BaseException:
             for env in self.lanes:
@@ -55,6 +53,7 @@ class LanedVectorEnv(VectorEnv):
             if on_close is not None:
                 on_close()
             raise
+        self._on_close = on_close
         first = self.lanes[0]
         self.num_envs = int(num_envs)
         self.session_info = first.session_info

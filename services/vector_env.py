@@ -134,8 +134,8 @@ class SimulatorVectorEnv(VectorEnv):
             raise RuntimeError(f"{type(self).__name__} is closed; create a new env")
 
     def step(self, actions):
-        self.step_async(actions)
-        return self.step_wait()
+        a, held = self._prepare(actions)
+        return self._present(self._step(a, held if held.any() else None), held)
 
     def step_async(self, actions) -> None:
         """Send ``actions`` (checked as ``step`` checks them) and return; ``step_wait`` gives what ``step`` would.
@@ -143,13 +143,7 @@ class SimulatorVectorEnv(VectorEnv):
         A served env's step is on the wire meanwhile, so the caller can compute something else (another
         lane's actions: ``services.lanes``); an in-process env steps here.
         """
-        self._check_open()
-        if self._needs_reset:
-            raise RuntimeError("call reset() before step()")
-        if self._in_flight is not None:
-            raise RuntimeError("a step is already in flight; call step_wait() before the next step")
-        a = check_actions(actions, self.action_space.shape)
-        held = self._pending
+        a, held = self._prepare(actions)
         self._in_flight = (self._send(a, held if held.any() else None), held)
 
     def step_wait(self):
@@ -158,7 +152,19 @@ class SimulatorVectorEnv(VectorEnv):
             raise RuntimeError("step_wait() without a step in flight; call step_async(actions) first")
         token, held = self._in_flight
         self._in_flight = None
-        out = self._receive(token)
+        return self._present(self._receive(token), held)
+
+    def _prepare(self, actions) -> tuple[np.ndarray, np.ndarray]:
+        """Checked actions and the envs held this step (those whose episode ended on the last one)."""
+        self._check_open()
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step()")
+        if self._in_flight is not None:
+            raise RuntimeError("a step is already in flight; call step_wait() before the next step")
+        return check_actions(actions, self.action_space.shape), self._pending
+
+    def _present(self, out: StepReply, held: np.ndarray):
+        """A same-step-autoreset backend step as gymnasium's next-step-autoreset ``step`` return."""
         ended = out.terminated | out.truncated
         live = ~held
         obs = np.where((ended & live)[:, None], out.final_observations, out.observations).astype(np.float32)
@@ -236,7 +242,12 @@ class RemoteVectorEnv(SimulatorVectorEnv):
         return obs
 
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
-        return self._receive(self._send(actions, hold))
+        try:
+            out = self.session.step(actions, hold)      # blocking: no thread of gRPC's per call, as a future needs
+        except NotFound:
+            return self._truncated(hold)
+        self._current = out.observations
+        return out
 
     def _send(self, actions: np.ndarray, hold: np.ndarray | None) -> tuple:
         return self.session.step_start(actions, hold), hold
