@@ -83,6 +83,7 @@ class SelfPlaySection:
 
     iterations: int = 4             # PPO training iterations per lap
     num_servers: int = 1
+    lanes: int = 1                  # sessions per policy worker stepped in turn: 2 overlaps the policy with the server
 
 
 @dataclass
@@ -269,6 +270,7 @@ def validate(cfg: FlywheelConfig) -> None:
     _check_range("simulator.num_envs", cfg.simulator.num_envs, 1)
     _check_range("self_play.iterations", cfg.self_play.iterations, 1)
     _check_range("self_play.num_servers", cfg.self_play.num_servers, 1)
+    _check_range("self_play.lanes", cfg.self_play.lanes, 1, 8)
     _check_range("selection.min_imagination_accuracy", cfg.selection.min_imagination_accuracy, 0.0, 1.0)
     _check_range("selection.max_physics_violation", cfg.selection.max_physics_violation, 0.0, 1.0)
     _check_range("selection.max_episodes", cfg.selection.max_episodes, 0)
@@ -301,10 +303,15 @@ def _check_combinations(cfg: FlywheelConfig) -> None:
     if servers > workers:
         raise ConfigError(f"config key 'self_play.num_servers' ({servers}) is above the policy workers that use them "
                           f"({who} = {workers}); allowed: at most {workers}")
-    sessions = -(-workers // servers)
+    lanes = cfg.self_play.lanes if cfg.agent.kind == "ppo" else 1
+    if lanes > envs:
+        raise ConfigError(f"config key 'self_play.lanes' ({lanes}) is above 'simulator.num_envs' ({envs}): a lane is a "
+                          f"session of at least one env; allowed: 1 to {min(envs, 8)}")
+    sessions = -(-workers // servers) * lanes
     if cfg.service.max_sessions < sessions:
         raise ConfigError(f"config key 'service.max_sessions' ({cfg.service.max_sessions}) is below the sessions each "
-                          f"server holds ({workers} policy workers over {servers} server(s)); allowed: >= {sessions}")
+                          f"server holds ({workers} policy workers x {lanes} lane(s) over {servers} server(s)); "
+                          f"allowed: >= {sessions}")
     if cfg.service.port and servers > 1:
         raise ConfigError(f"config key 'service.port' ({cfg.service.port}) is one fixed port for {servers} servers "
                           f"(self_play.num_servers); allowed: service.port=0 (each server picks a free port) or "

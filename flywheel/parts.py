@@ -89,6 +89,7 @@ def env_config(ctx: LapContext, addresses: list[str]):
     cfg = ctx.cfg
     return EnvConfig(task=cfg.task, addresses=list(addresses), fidelity=cfg.simulator.fidelity, mode=cfg.simulator.mode,
                      horizon=cfg.simulator.horizon, reward_weights=vars(cfg.rewards.weights), seed=cfg.seed + ctx.lap,
+                     lanes=cfg.self_play.lanes,
                      server_nodes=cluster.nodes_of(list(addresses)), token_file=cluster.token_file(cfg),
                      tls_root_cert=cluster.tls_root_cert(cfg))
 

@@ -44,6 +44,10 @@ def test_layers_apply_in_order(tmp_path):
     (["preset=huge"], ["preset", "smoke"]),
     (["bogus=1"], ["bogus", "simulator", "tracking"]),
     (["fidelity"], ["key=value"]),
+    (["self_play.lanes=0"], ["self_play.lanes", "[1, 8]"]),
+    (["self_play.lanes=4", "simulator.num_envs=3"], ["self_play.lanes", "simulator.num_envs", "1 to 3"]),
+    (["self_play.lanes=2", "ppo.num_env_runners=2", "service.max_sessions=3"],
+     ["service.max_sessions", "2 lane(s)", ">= 4"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):
     with pytest.raises(ConfigError) as err:
