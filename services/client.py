@@ -277,6 +277,7 @@ class Session:
         self._stream = None
         self._streaming = False
         self._pending: PendingStep | None = None   # a step_start not yet answered
+        self._abandoned = 0                          # the sequence number of a cancelled step (0: none)
 
     def recreate(self) -> SessionInfo:
         """Open a new server-side session with this one's settings (after the server lost it, e.g. it restarted).
@@ -297,6 +298,7 @@ class Session:
         if self._pending is not None:           # its answer belongs to the lost session
             self._pending.cancel()
         self.info, self.id, self.recreated, self._seq = info, info.session_id, self.recreated + 1, 0
+        self._abandoned = 0
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -328,14 +330,20 @@ class Session:
         """
         request = self._step_request(actions, hold)
         if self._streaming:
-            return PendingStep(self, request, None, self._sequenced("Step", request))
-        future = self.client._stub.Step.future(request, timeout=self.client.timeout, metadata=self.client.metadata)
-        self._pending = PendingStep(self, request, future)
+            stream = self._open_stream()
+            stream.put(request)
+            self._pending = PendingStep(self, request, stream=stream)
+        else:
+            future = self.client._stub.Step.future(request, timeout=self.client.timeout, metadata=self.client.metadata)
+            self._pending = PendingStep(self, request, future)
         return self._pending
 
     def _step_request(self, actions: np.ndarray, hold: np.ndarray | None) -> pb.StepRequest:
         if self._pending is not None:
             raise RuntimeError(f"session {self.id} has a step in flight; call its result() first")
+        if self._abandoned:
+            raise RuntimeError(f"session {self.id}: step {self._abandoned} was cancelled and may or may not have run; "
+                               "close or re-create the session")
         request = pb.StepRequest(session_id=self.id, seq=self._seq + 1, actions=encode(actions, "float32"))
         if hold is not None and np.any(hold):
             request.hold.CopyFrom(encode(np.asarray(hold, bool), "bool"))
@@ -348,17 +356,24 @@ class Session:
         either runs it or answers it from its cache.
         """
         if self._streaming and method == "Step":
-            if self._stream is None or self._stream.dead:
-                if self._stream is not None:
-                    self._stream.close()
-                self._stream = _StepStream(self.client)
-            response = self._stream.send(request)
-            if self._stream.refused:            # the server has no stream slot free: unary calls from now on
-                self._streaming = False
+            stream = self._open_stream()
+            response = stream.send(request)
+            self._stream_answered(stream)
         else:
             response = self.client.call(method, request)
         self._seq = request.seq
         return response
+
+    def _open_stream(self) -> _StepStream:
+        if self._stream is None or self._stream.dead:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = _StepStream(self.client)
+        return self._stream
+
+    def _stream_answered(self, stream: _StepStream) -> None:
+        if stream.refused:                      # the server has no stream slot free: unary calls from now on
+            self._streaming = False
 
     def use_stream(self) -> None:
         """Step over a bidirectional ``StreamStep`` call instead of unary calls (unary while the server has no
@@ -386,32 +401,43 @@ class PendingStep:
     other failure raises the ``SimulatorError`` a blocking ``step`` would.
     """
 
-    def __init__(self, session: Session, request: pb.StepRequest, future, response: pb.StepResponse | None = None):
-        self.session, self.request, self._future, self._response = session, request, future, response
+    def __init__(self, session: Session, request: pb.StepRequest, future=None, stream: _StepStream | None = None):
+        self.session, self.request, self._future, self._stream = session, request, future, stream
+        self._response: pb.StepResponse | None = None
 
     def result(self) -> StepReply:
         if self._response is None:
-            if self._future is None:
-                raise RuntimeError("this step's result was already taken")
-            session, future, self._future = self.session, self._future, None
+            if self._future is None and self._stream is None:
+                raise RuntimeError("this step was cancelled before its answer came")
+            session, future, stream, self._future, self._stream = self.session, self._future, self._stream, None, None
             session._pending = None
-            try:
-                response = future.result()
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code != grpc.StatusCode.UNAVAILABLE:
-                    raise _ERRORS.get(code, SimulatorError)(code, exc.details() or "", "Step") from None
-                response = session.client.call("Step", self.request)   # retried with backoff, same sequence number
+            if stream is not None:               # the stream's own fallbacks: a unary retry of the same request
+                response = stream.take(self.request)
+                session._stream_answered(stream)
+            else:
+                try:
+                    response = future.result()
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    if code != grpc.StatusCode.UNAVAILABLE:
+                        raise _ERRORS.get(code, SimulatorError)(code, exc.details() or "", "Step") from None
+                    response = session.client.call("Step", self.request)   # retried with backoff, same seq
             session._seq = self.request.seq
             self._response = response
         return StepReply.from_proto(self._response)
 
     def cancel(self) -> None:
-        """Give up on the answer (closing a session or env with a step in flight)."""
+        """Give up on the answer, before closing or re-creating the session: whether the server ran the step
+        is unknown, so the session takes no other step until it is re-created."""
         if self._future is not None:
             self._future.cancel()
-            self._future = None
-            self.session._pending = None
+        elif self._stream is not None:         # its answer would come out of order for the next step
+            self._stream.close()
+            self._stream.dead = True
+        if self._future is not None or self._stream is not None:
+            self.session._abandoned = self.request.seq
+        self._future = self._stream = None
+        self.session._pending = None
 
 
 class _StepStream:
@@ -431,7 +457,15 @@ class _StepStream:
         self._watchdog = _Watchdog(self._responses.cancel)
 
     def send(self, request: pb.StepRequest) -> pb.StepResponse:
+        self.put(request)
+        return self.take(request)
+
+    def put(self, request: pb.StepRequest) -> None:
+        """Send ``request`` on the stream without waiting for its answer (``take``)."""
         self._requests.put(request)
+
+    def take(self, request: pb.StepRequest) -> pb.StepResponse:
+        """The answer to ``request``, the last one ``put``."""
         try:
             with self._watchdog.armed(self.client.timeout):
                 return next(self._responses)

@@ -39,8 +39,9 @@ def assert_same_steps(a, b) -> None:
         np.testing.assert_array_equal(a[4][key], b[4][key])
 
 
-def test_step_async_then_wait_is_step_across_an_episode_end(address):
-    blocking, split = (RemoteVectorEnv(address, TASK, 3, fidelity=0.5, seed=11) for _ in range(2))
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_step_async_then_wait_is_step_across_an_episode_end(address, streaming):
+    blocking, split = (RemoteVectorEnv(address, TASK, 3, fidelity=0.5, seed=11, streaming=s) for s in (False, streaming))
     np.testing.assert_array_equal(blocking.reset(seed=3)[0], split.reset(seed=3)[0])
     for t in range(T + 2):                                   # through the next-step autoreset
         split.step_async(actions(t, 3))
@@ -61,9 +62,12 @@ def test_step_async_then_wait_is_step_across_an_episode_end(address):
     split.close()
 
 
-def test_a_session_takes_one_step_at_a_time(address):
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_a_session_takes_one_step_at_a_time(address, streaming):
     with SimulatorClient(address) as client:
         session = client.create_session(TASK, 2, seed=0)
+        if streaming:
+            session.use_stream()
         session.reset(0)
         pending = session.step_start(actions(0, 2))
         with pytest.raises(RuntimeError, match="has a step in flight"):
@@ -72,6 +76,12 @@ def test_a_session_takes_one_step_at_a_time(address):
         np.testing.assert_array_equal(pending.result().observations, first.observations)   # the same answer again
         second = session.step(actions(1, 2))                 # the sequence number moved on by exactly one
         assert (second.steps == first.steps + 1).all()
+        session.step_start(actions(2, 2)).cancel()           # given up: it may or may not have run
+        with pytest.raises(RuntimeError, match="was cancelled and may or may not have run"):
+            session.step(actions(3, 2))
+        session.recreate()
+        session.reset(0)
+        assert (session.step(actions(3, 2)).steps == first.steps).all()   # the first step of fresh episodes
         session.close()
 
 
