@@ -6,7 +6,9 @@ Sampling: each EnvRunner samples ``--steps`` env steps with the current (random-
 in parallel, after a warm-up; env steps/s = total / wall time. Three samplers with the same runners, envs
 per runner and policy network, measured in one run:
 
-- ``gRPC``: Flywheel's EnvRunner stepping a simulator server (MuJoCo engine, fidelity 1) over gRPC;
+- ``gRPC``: Flywheel's EnvRunner stepping a simulator server (MuJoCo engine, fidelity 1) over gRPC: unary
+  ``Step`` calls or a ``StreamStep`` stream, one session per runner or ``--lanes`` sessions stepped in turn
+  (the pipelined sampler, ``policies.pipelined_sampler``);
 - ``in-process``: the same EnvRunner on ``LocalVectorEnv`` (the same corrected simulator, no wire);
 - ``RLlib default``: RLlib's own ``SingleAgentEnvRunner`` on gymnasium's ``Pendulum-v1`` (``--gym-env``).
 
@@ -32,6 +34,12 @@ def sample_rate(algo, steps: int) -> float:
     t0 = time.perf_counter()
     group.foreach_env_runner(lambda r: len(r.sample(num_timesteps=steps)), local_env_runner=False)
     return steps * group.num_healthy_remote_env_runners() / (time.perf_counter() - t0)
+
+
+def samplers(served: list[str], lanes: int) -> dict[str, tuple[list[str], int, bool]]:
+    """Flywheel's samplers measured: name -> (addresses, lanes, streaming)."""
+    return {"unary": (served, 1, False), "stream": (served, 1, True), f"{lanes} lanes": (served, lanes, False),
+            f"{lanes} lanes, stream": (served, lanes, True), "in-process": (["local"], 1, False)}
 
 
 def rllib_default_algo(env_id: str, ppo, runners: int, envs: int):
@@ -69,25 +77,27 @@ def main() -> None:
                 ppo = ppo_config_for(args.task, num_env_runners=runners, num_envs_per_runner=envs,
                                      num_cpus_per_runner=0.5)
                 served = [s.address for s in servers[:runners]]
-                for kind, addresses, lanes in (("grpc", served, 1), ("lanes", served, args.lanes), ("local", ["local"], 1)):
+                for kind, (addresses, lanes, streaming) in samplers(served, args.lanes).items():
                     trainer = PolicyTrainer(ppo, EnvConfig(task=args.task, addresses=addresses, local_engine="mujoco",
-                                                           lanes=lanes))
+                                                           lanes=lanes, streaming=streaming))
                     rate[kind] = sample_rate(trainer.algo, args.steps)
                     trainer.stop()
                 algo = rllib_default_algo(args.gym_env, ppo, runners, envs)
                 rate["default"] = sample_rate(algo, args.steps)
                 algo.stop()
-                rows.append((runners, envs, rate["grpc"], rate["lanes"], rate["local"], rate["default"]))
-                print(f"  {runners} runner(s) x {envs} envs: gRPC {rate['grpc']:.0f}, gRPC in {args.lanes} lanes "
-                      f"{rate['lanes']:.0f}, in-process {rate['local']:.0f}, RLlib default {rate['default']:.0f} "
-                      "env steps/s", flush=True)
+                rows.append((runners, envs, rate))
+                print(f"  {runners} runner(s) x {envs} envs: " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items())
+                      + " env steps/s", flush=True)
         print(f"\nRLlib sampling, env steps/s ({args.steps} steps per runner; {args.task} served vs {args.gym_env})")
-        print(f"| runners | envs/runner | service, 1 lane | service, {args.lanes} lanes | in-process | RLlib default, "
-              f"{args.gym_env} | 1 lane / default | {args.lanes} lanes / default | {args.lanes} lanes / in-process |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r, e, g, lanes, loc, d in rows:
-            print(f"| {r} | {e} | {g:,.0f} | {lanes:,.0f} | {loc:,.0f} | {d:,.0f} | {g / d:.2f} | {lanes / d:.2f} "
-                  f"| {lanes / loc:.2f} |")
+        served = [k for k in rows[0][2] if k not in ("in-process", "default")]
+        print(f"| runners | envs/runner | {' | '.join(f'service, {k}' for k in served)} | in-process | RLlib default, "
+              f"{args.gym_env} | {' | '.join(f'{k} / default' for k in served)} | best service / in-process |")
+        print("|---:" * (4 + 2 * len(served) + 1) + "|")
+        for r, e, rate in rows:
+            best, default = max(rate[k] for k in served), rate["default"]
+            print(f"| {r} | {e} | {' | '.join(f'{rate[k]:,.0f}' for k in served)} | {rate['in-process']:,.0f} | "
+                  f"{default:,.0f} | {' | '.join(f'{rate[k] / default:.2f}' for k in served)} | "
+                  f"{best / rate['in-process']:.2f} |")
         if args.no_ppo:
             return
 

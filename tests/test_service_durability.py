@@ -244,6 +244,49 @@ def test_streaming_env_waits_for_a_restarted_server_and_continues_in_a_new_sessi
     assert len(stored_ids(raw)) == B and len(assert_whole_and_unique(raw)) == T * B
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_lanes_in_flight_when_the_server_dies_continue_in_new_sessions(tmp_path, wm_path, streaming):
+    from services.lanes import LanedVectorEnv
+    from services.server_actor import free_port
+    from services.vector_env import RemoteVectorEnv
+
+    raw = tmp_path / "raw"
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
+                          port=free_port("127.0.0.1"), flush_seconds=0.2)
+    rng = np.random.default_rng(0)
+    first = ServerProcess(config).start()
+    client = SimulatorClient(first.address, timeout=120)
+    env = LanedVectorEnv(lambda lane, n, seed: RemoteVectorEnv(first.address, TASK, n, seed=seed, client=client,
+                                                               streaming=streaming), 2 * B, lanes=2,
+                         on_close=client.close)
+    try:
+        env.reset(seed=0)
+        for _ in range(5):
+            last = env.step(np.concatenate([random_actions(rng), random_actions(rng)]))[0]
+        for lane in env.lanes:                           # both lanes' steps on the wire when the server dies
+            lane.step_async(random_actions(rng))
+        os.kill(first.pid, signal.SIGKILL)
+        first.stop()
+        result: dict = {}
+        waiting = threading.Thread(target=lambda: result.update(out=[lane.step_wait() for lane in env.lanes]))
+        waiting.start()                                  # retries UNAVAILABLE while no server listens
+        with ServerProcess(config) as second:
+            waiting.join(120)
+            for k, (obs, reward, terminated, truncated, _) in enumerate(result["out"]):
+                assert truncated.all() and not terminated.any() and not reward.any()
+                np.testing.assert_array_equal(obs, last[k * B:(k + 1) * B])   # ended at their last observation
+            assert env.sessions_recreated == 2 and {lane.session.id[:3] for lane in env.lanes} == {"s1-"}
+            for _ in range(T + 1):
+                obs, reward, terminated, truncated, _ = env.step(np.concatenate([random_actions(rng)] * 2))
+            assert truncated.all()                       # the new episodes ran to their time limit
+            env.close()
+            report = second.stop()
+    finally:
+        env.close()
+    assert report["transitions_served"] == report["transitions_stored"] == 2 * T * B
+    assert len(assert_whole_and_unique(raw)) == 2 * T * B
+
+
 def test_unwritable_directory_fails_the_session_with_path_and_os_error(tmp_path, wm_path):
     raw = tmp_path / "raw"
     config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(raw),
