@@ -21,6 +21,7 @@ _EXPORTS = {
     "SimulatorClient": "services.client",
     "SimulatorError": "services.client",
     "RemoteVectorEnv": "services.vector_env",
+    "LanedVectorEnv": "services.lanes",
     "SimulatorVectorEnv": "services.vector_env",
     "LocalVectorEnv": "services.local_env",
     "ServerConfig": "services.config",
@@ -29,8 +30,8 @@ _EXPORTS = {
     "serve": "services.server",
 }
 
-__all__ = ["ClientCredentials", "LocalVectorEnv", "RemoteVectorEnv", "ServerConfig", "ServerProcess", "SimulatorClient",
-           "SimulatorError", "SimulatorServer", "SimulatorVectorEnv", "serve"]
+__all__ = ["ClientCredentials", "LanedVectorEnv", "LocalVectorEnv", "RemoteVectorEnv", "ServerConfig", "ServerProcess",
+           "SimulatorClient", "SimulatorError", "SimulatorServer", "SimulatorVectorEnv", "serve"]
 
 
 def __getattr__(name: str):
