@@ -326,7 +326,8 @@ class Session:
         """``step`` without waiting: the call is on its way when this returns; ``.result()`` is its ``StepReply``.
 
         One step at a time per session (the next needs this one's sequence number used up): call ``result``
-        before the next ``step``/``step_start``. Over a stream, the step is answered before this returns.
+        before the next ``step``/``step_start``. Unary, the call is a gRPC future; over a stream
+        (``use_stream``), the request is queued on the stream and ``result`` reads its answer.
         """
         request = self._step_request(actions, hold)
         if self._streaming:
