@@ -6,25 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services import RemoteVectorEnv, ServerConfig, ServerProcess
+from services import RemoteVectorEnv
 from services.client import SimulatorClient
 from services.lanes import LanedVectorEnv, lane_seed, merge_infos
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
-from simulators import make_engine, make_task
-from simulators.world_model import WorldModel, WorldModelConfig
+from simulators import make_task
 
 TASK = "pendulum"
 T = make_task(TASK).episode_length
 
 
 @pytest.fixture(scope="module")
-def address(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lanes")
-    spec = make_engine("mujoco", TASK).spec
-    WorldModel(TASK, spec.state_size, spec.action_size,
-               WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1)).save(root / "wm.pt")
-    with ServerProcess(ServerConfig(task=TASK, engine="mujoco", world_model_path=str(root / "wm.pt"))) as proc:
-        yield proc.address
+def address(pendulum_server):
+    return pendulum_server["address"]
 
 
 def actions(t: int, n: int) -> np.ndarray:

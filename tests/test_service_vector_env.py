@@ -9,23 +9,16 @@ from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import DictInfoToList, NormalizeObservation, RecordEpisodeStatistics
 
-from services import LocalVectorEnv, RemoteVectorEnv, ServerConfig, ServerProcess
-from simulators import make_engine, make_task
-from simulators.world_model import WorldModel, WorldModelConfig
+from services import LocalVectorEnv, RemoteVectorEnv
+from simulators import make_task
 
 TASK, B = "pendulum", 3
 T = make_task(TASK).episode_length
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("venv")
-    spec = make_engine("mujoco", TASK).spec
-    WorldModel(TASK, spec.state_size, spec.action_size,
-               WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1)).save(root / "wm.pt")
-    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(root / "wm.pt"))
-    with ServerProcess(config) as proc:
-        yield {"address": proc.address, "config": config, "spec": spec}
+def setup(pendulum_server):
+    return pendulum_server
 
 
 def remote(setup, **kw):
