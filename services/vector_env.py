@@ -13,6 +13,9 @@ observation, and the next step's observation as the new episode's reset observat
         # info["reward/task"|"reward/imagination"|"reward/physics"|"reward/total"], info["success"] (+ "_" masks)
     env.close()
 
+``step_async(actions)`` then ``step_wait()`` is ``step`` with the served step on the wire in between (the
+caller computes something else meanwhile: ``services.lanes``).
+
 Next-step reset: an env whose episode ended returns its terminal observation; the backend has
 already reset it to a fresh initial state, so on the following call the env is sent as held
 (``hold``): it ignores the given action, does not move, and returns that initial state's
