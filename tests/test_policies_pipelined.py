@@ -2,6 +2,9 @@
 own loop would give (whole episodes of the task's length, counts, model outputs), PPO training, and lanes as
 separate sessions on one channel."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import ray
@@ -68,3 +71,19 @@ def test_ppo_trains_through_lanes_and_logs_the_reward_terms(trainer):
 def test_lane_counts_are_checked():
     with pytest.raises(ValueError, match=r"lanes must be in \[1, 8\]"):
         EnvConfig(task="pendulum", addresses=["127.0.0.1:1"], lanes=0).validate()
+
+
+def test_a_dead_server_fails_the_sample_naming_the_lane():
+    server = ServerProcess(ServerConfig(task="pendulum", engine="mujoco")).start()
+    ppo = ppo_config_for("pendulum", num_env_runners=0, num_envs_per_runner=4, train_batch_size=200,
+                         minibatch_size=100, num_epochs=1)
+    t = PolicyTrainer(ppo, EnvConfig(task="pendulum", addresses=[server.address], lanes=2, timeout_s=3.0), num_cpus=2)
+    try:
+        r = runner(t)
+        assert len(r.sample(num_timesteps=20)) == 4
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()
+        with pytest.raises(RuntimeError, match=r"lane 0 of EnvRunner 0 failed to step .* unavailable"):
+            r.sample(num_timesteps=20)                   # after the client's retry window (timeout_s), not forever
+    finally:
+        t.stop()                                         # Ray itself stays up for the module's trainer
