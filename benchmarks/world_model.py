@@ -7,9 +7,12 @@ step throughput as a ratio to the raw engine step at several batch sizes.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import time
 
 import numpy as np
+import torch
 
 from simulators import CorrectedSimulator, Reality, WorldModel, WorldModelConfig, make_engine
 from simulators.world_model import one_step_error, open_loop_error
@@ -25,6 +28,13 @@ def per_call(fn, min_seconds: float = 1.0, min_calls: int = 5) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def in_bfloat16(wm: WorldModel) -> WorldModel:
+    """The same weights, predicting with ``inference_dtype=bfloat16``."""
+    low = copy.copy(wm)
+    low.config = dataclasses.replace(wm.config, inference_dtype="bfloat16")
+    return low
+
+
 def training_table(args, config: WorldModelConfig) -> None:
     reality = Reality(args.task, engine="mujoco")
     sizes = sorted(int(x) for x in args.sizes.split(","))
@@ -34,7 +44,8 @@ def training_table(args, config: WorldModelConfig) -> None:
     print(f"\nWM training on {args.task} reality data (random actions), {config.max_epochs} epochs max, "
           f"ensemble {config.ensemble_size}x{config.num_layers}x{config.hidden_size}; error on 5000 independent "
           "transitions, normalised by the largest model's state_scale")
-    print(f"{'transitions':>11} {'epochs':>6} {'train s':>8} {'trans/s':>9} {'1-step MSE':>11} {'10-step MSE':>11}")
+    print(f"{'transitions':>11} {'epochs':>6} {'train s':>8} {'trans/s':>9} {'1-step MSE':>11} {'10-step MSE':>11} "
+          f"{'bf16 1-step':>11} {'bf16 10-step':>12}")
     rows = []
     for n in sizes:
         wm = WorldModel(args.task, reality.spec.state_size, reality.spec.action_size, config)
@@ -44,8 +55,10 @@ def training_table(args, config: WorldModelConfig) -> None:
     for n, m, wm in rows:
         wm.state_scale = scale
         ol = open_loop_error(wm, test, horizon=10)["open_loop_mse"]
+        low = in_bfloat16(wm)
+        ol16 = open_loop_error(low, test, horizon=10)["open_loop_mse"]
         print(f"{n:>11} {m['epochs']:>6} {m['seconds']:>8.1f} {m['transitions_per_second']:>9.0f} "
-              f"{one_step_error(wm, test):>11.3g} {ol:>11.3g}")
+              f"{one_step_error(wm, test):>11.3g} {ol:>11.3g} {one_step_error(low, test):>11.3g} {ol16:>12.3g}")
 
 
 def step_table(args, config: WorldModelConfig) -> None:
@@ -53,10 +66,12 @@ def step_table(args, config: WorldModelConfig) -> None:
     spec = engine.spec
     wm = WorldModel(args.task, spec.state_size, spec.action_size, config)  # cost does not depend on the weights
     rng = np.random.default_rng(0)
+    threads = torch.get_num_threads() if args.threads <= 0 else args.threads
     print(f"\nCorrected simulator step vs raw engine step ({engine.name}, {args.task}); ratio = time / engine time, "
-          f"each the median of {args.rounds} interleaved rounds; f=0.5 ms: one blend step with imagination")
+          f"each the median of {args.rounds} interleaved rounds; f=0.5 ms: one blend step with imagination; "
+          f"bf16: the world model's hidden products in bfloat16; torch threads {threads}")
     print(f"{'batch':>6} {'engine ms':>9} {'WM ms':>7} {'f=0 sim':>8} {'f=0.5 blend':>11} "
-          f"{'f=0.2 reground':>14} {'f=1 sim':>8} {'f=0.5 ms':>9}")
+          f"{'f=0.2 reground':>14} {'f=1 sim':>8} {'f=0.5 ms':>9} {'bf16 blend':>10} {'bf16 ms':>8}")
     for b in (int(x) for x in args.batches.split(",")):
         s = engine.to_vector(engine.reset(0, b))
         a = rng.uniform(spec.action_low, spec.action_high, (b, spec.action_size))
@@ -66,14 +81,17 @@ def step_table(args, config: WorldModelConfig) -> None:
         for f, mode in ((0.0, "blend"), (0.5, "blend"), (0.2, "reground"), (1.0, "blend")):
             sims[(f, mode)] = CorrectedSimulator(args.task, wm, engine, f, mode=mode, num_envs=b)
             sims[(f, mode)].reset()
+        sims["bf16"] = CorrectedSimulator(args.task, in_bfloat16(wm), engine, 0.5, num_envs=b)
+        sims["bf16"].reset()
         rounds = []
         for _ in range(args.rounds):   # interleaved with the engine: the machine is shared and noisy
             t_engine = per_call(lambda s=s, a=a: engine.step_vectors(s, a))
             rounds.append([per_call(lambda sim=sim, a=a: sim.step(a)) / t_engine for sim in sims.values()]
-                          + [t_engine, per_call(lambda sim=sims[(0.5, "blend")], a=a: sim.step(a))])
+                          + [t_engine, per_call(lambda sim=sims[(0.5, "blend")], a=a: sim.step(a)),
+                             per_call(lambda sim=sims["bf16"], a=a: sim.step(a))])
         ratios = np.median(np.asarray(rounds), axis=0)
-        print(f"{b:>6} {ratios[4] * 1e3:>9.2f} {t_wm * 1e3:>7.2f} {ratios[0]:>7.2f}x {ratios[1]:>10.2f}x "
-              f"{ratios[2]:>13.2f}x {ratios[3]:>7.2f}x {ratios[5] * 1e3:>9.3f}")
+        print(f"{b:>6} {ratios[5] * 1e3:>9.2f} {t_wm * 1e3:>7.2f} {ratios[0]:>7.2f}x {ratios[1]:>10.2f}x "
+              f"{ratios[2]:>13.2f}x {ratios[3]:>7.2f}x {ratios[6] * 1e3:>9.3f} {ratios[4]:>9.2f}x {ratios[7] * 1e3:>8.3f}")
 
 
 def main() -> None:

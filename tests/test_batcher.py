@@ -3,6 +3,8 @@ stepped alone: step results, grades and recorded shards, bit for bit."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import threading
 
@@ -93,9 +95,15 @@ def recorded(session) -> TransitionDataset:
     return TransitionDataset.concat([TransitionDataset.load(p) for p in session.recorder.shards])
 
 
-@pytest.mark.parametrize("task", ["pendulum", "cartpole"])
-def test_coalesced_steps_equal_steps_alone(tmp_path, task):
+@pytest.mark.parametrize("task,dtype", [("pendulum", "float32"), ("cartpole", "float32"), ("pendulum", "bfloat16")])
+def test_coalesced_steps_equal_steps_alone(tmp_path, task, dtype):
     alone, wm = open_all(tmp_path / "alone", task)
+    if dtype != wm.config.inference_dtype:   # the world model's hidden products in bfloat16
+        wm = copy.copy(wm)
+        wm.config = dataclasses.replace(wm.config, inference_dtype=dtype)
+        for s in alone:
+            s.close()
+        alone, _ = open_all(tmp_path / f"alone-{dtype}", task, world_model=wm)
     together, _ = open_all(tmp_path / "together", task, world_model=wm)
     steps = inputs(alone)
     batcher = StepBatcher(max_wait_s=1.0)

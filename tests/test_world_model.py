@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +84,32 @@ def test_predict_step_imagine_disagreement(trained, pendulum_data):
         expected = wm.step(expected, acts[:, h])
         np.testing.assert_allclose(traj[:, h], expected)
     assert wm.state_scale.shape == (2,) and (wm.state_scale > 0).all()
+
+
+def test_bfloat16_inference_stays_near_float32_row_by_row_and_through_a_checkpoint(tmp_path, trained, pendulum_data):
+    wm, _ = trained
+    test = pendulum_data[1]
+    low = copy.copy(wm)
+    low.config = dataclasses.replace(wm.config, inference_dtype="bfloat16")
+    s, a = test.states[:256].astype(np.float64), test.actions[:256]
+    exact, approx = wm.step(s, a), low.step(s, a)
+    assert not np.array_equal(exact, approx)                        # the hidden products did run in bfloat16
+    err32, err16 = one_step_error(wm, test), one_step_error(low, test)
+    print(f"\nheld-out one-step MSE: float32 {err32:.3g}, bfloat16 {err16:.3g}")
+    assert err16 < 1.5 * err32
+    for n in (1, 7, 100):                                           # a row's value does not depend on its batch
+        np.testing.assert_array_equal(low.step(s[:n], a[:n]), approx[:n])
+    mean, std = low.predict(s, a)
+    np.testing.assert_array_equal(mean, approx)
+    assert np.isfinite(std).all() and (std > 0).all()
+    low.save(tmp_path / "wm.pt")
+    back = WorldModel.load(tmp_path / "wm.pt")
+    assert back.config.inference_dtype == "bfloat16"
+    np.testing.assert_array_equal(back.step(s, a), approx)
+    run = WorldModel.load(tmp_path / "wm.pt", config=dataclasses.replace(back.config, inference_dtype="float32"))
+    np.testing.assert_array_equal(run.step(s, a), exact)           # where to run comes from the run's config
+    with pytest.raises(ValueError, match="inference_dtype must be one of float32, bfloat16, got 'float16'"):
+        WorldModelConfig(inference_dtype="float16")
 
 
 def test_bad_inputs_raise():

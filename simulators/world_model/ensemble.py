@@ -49,13 +49,25 @@ class GaussianEnsemble(nn.Module):
         mean, log_std = self.head(x).chunk(2, dim=-1)
         return mean, self._bound(log_std)
 
-    def infer(self, x: torch.Tensor, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def infer(self, x: torch.Tensor, with_std: bool = True, dtype: torch.dtype = torch.float32
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` for inference (call under ``torch.inference_mode``): the same values, fewer ops and
-        no module dispatch; the log-std is skipped unless ``with_std``. ``x``: ``[B, in]`` or ``[E, B, in]``."""
+        no module dispatch; the log-std is skipped unless ``with_std``. ``x``: ``[B, in]`` or ``[E, B, in]``.
+
+        ``dtype=torch.bfloat16`` runs the products between hidden layers in bfloat16 (float32 accumulation);
+        the first layer (the state's features) and the head (the predicted change) stay float32.
+        """
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, -1, -1)
-        for layer in self.hidden:
-            x = nn.functional.silu(torch.baddbmm(layer.bias, x, layer.weight), inplace=True)
+        if dtype == torch.float32 or len(self.hidden) < 2:
+            for layer in self.hidden:
+                x = nn.functional.silu(torch.baddbmm(layer.bias, x, layer.weight), inplace=True)
+        else:
+            first, *rest = self.hidden
+            x = nn.functional.silu(torch.baddbmm(first.bias, x, first.weight), inplace=True).to(dtype)
+            for layer in rest:
+                x = nn.functional.silu(torch.baddbmm(layer.bias.to(dtype), x, layer.weight.to(dtype)), inplace=True)
+            x = x.float()
         out = torch.baddbmm(self.head.bias, x, self.head.weight)
         mean, log_std = out.chunk(2, dim=-1)
         return mean, (self._bound(log_std) if with_std else None)

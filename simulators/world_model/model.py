@@ -41,10 +41,11 @@ from simulators.tasks import Task, make_task
 from simulators.world_model.ensemble import GaussianEnsemble, member_mean
 
 # The fields that shape the network: stored in a checkpoint and checked when it is loaded with a config.
-# The other fields (learning rate, batch size, epochs, patience, holdout, seed, device, threads) say how
+# The other fields (learning rate, batch size, epochs, patience, holdout, seed, device, threads, inference dtype) say how
 # to fit and where to run, and come from the config given to ``WorldModel.load``.
 ARCHITECTURE: tuple[str, ...] = ("ensemble_size", "hidden_size", "num_layers", "base")
 BASES: tuple[str, ...] = ("none", "engine")
+INFERENCE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -65,10 +66,14 @@ class WorldModelConfig:
     num_threads: int = 0        # torch CPU threads while fitting/predicting; 0 keeps torch's own setting
     num_gpus: float = 0.0       # GPUs the fitting task asks Ray for (0 = CPU); it fits on CUDA when it gets one
     base: str = "none"          # the change is added to: "none" (s' = s + D), "engine" (s' = E(s, a) + D)
+    inference_dtype: str = "float32"   # predictions' hidden products: float32 | bfloat16 (faster on AMX CPUs and GPUs)
 
     def __post_init__(self) -> None:
         if self.base not in BASES:
             raise ValueError(f"WorldModelConfig.base must be one of {', '.join(BASES)}, got {self.base!r}")
+        if self.inference_dtype not in INFERENCE_DTYPES:
+            raise ValueError(f"WorldModelConfig.inference_dtype must be one of {', '.join(INFERENCE_DTYPES)}, "
+                             f"got {self.inference_dtype!r}")
         for name in ("ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"WorldModelConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -181,7 +186,8 @@ class WorldModel:
         with torch_threads(self.config.num_threads):
             x = self._inputs(s, a)
             n = len(x)
-            mean, log_std = self.net.infer(x.repeat(2, 1) if n == 1 else x, with_std)
+            mean, log_std = self.net.infer(x.repeat(2, 1) if n == 1 else x, with_std,
+                                           INFERENCE_DTYPES[self.config.inference_dtype])
             if n == 1:
                 mean, log_std = mean[:, :1], (None if log_std is None else log_std[:, :1])
             return mean, (torch.exp(log_std) * self.norm["out_std"] if with_std else None)
