@@ -66,9 +66,11 @@ def main() -> None:
     p.add_argument("--no-ppo", action="store_true", help="sampling only, no PPO run to --threshold")
     p.add_argument("--threshold", type=float, default=80.0, help="return in reality that PPO must reach")
     p.add_argument("--max-iterations", type=int, default=20)
+    p.add_argument("--server-threads", type=int, default=0, help="the servers' torch threads (0: torch's default)")
     args = p.parse_args()
 
-    servers = [ServerProcess(ServerConfig(task=args.task, engine="mujoco")).start() for _ in range(max(args.runners))]
+    servers = [ServerProcess(ServerConfig(task=args.task, engine="mujoco", torch_threads=args.server_threads)).start()
+               for _ in range(max(args.runners))]
     rows = []
     try:
         for runners in args.runners:
@@ -88,7 +90,8 @@ def main() -> None:
                 rows.append((runners, envs, rate))
                 print(f"  {runners} runner(s) x {envs} envs: " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items())
                       + " env steps/s", flush=True)
-        print(f"\nRLlib sampling, env steps/s ({args.steps} steps per runner; {args.task} served vs {args.gym_env})")
+        print(f"\nRLlib sampling, env steps/s ({args.steps} steps per runner; {args.task} served vs {args.gym_env}; "
+              f"server torch threads {args.server_threads or 'default'})")
         served = [k for k in rows[0][2] if k not in ("in-process", "default")]
         print(f"| runners | envs/runner | {' | '.join(f'service, {k}' for k in served)} | in-process | RLlib default, "
               f"{args.gym_env} | {' | '.join(f'{k} / default' for k in served)} | best service / in-process |")

@@ -110,6 +110,10 @@ def test_bfloat16_inference_stays_near_float32_row_by_row_and_through_a_checkpoi
     np.testing.assert_array_equal(run.step(s, a), exact)           # where to run comes from the run's config
     with pytest.raises(ValueError, match="inference_dtype must be one of float32, bfloat16, got 'float16'"):
         WorldModelConfig(inference_dtype="float16")
+    low.config.inference_dtype = "float16"                          # a checkpoint whose config no longer validates
+    low.save(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt holds a config this version cannot use: .*inference_dtype"):
+        WorldModel.load(tmp_path / "bad.pt")
 
 
 def test_bad_inputs_raise():

@@ -77,7 +77,10 @@ def load_checkpoint(cls, path, task: str | Task | None, state_size: int | None, 
         if obs is not None and obs.shape[1] + p["action_size"] != p["in_features"]:
             diffs.append(f"input features {p['in_features']} in the checkpoint vs "
                          f"{obs.shape[1] + p['action_size']} for task {task.name!r}")
-    saved = WorldModelConfig.from_dict(dict(p["config"]))
+    try:
+        saved = WorldModelConfig.from_dict(dict(p["config"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"world-model checkpoint {path} holds a config this version cannot use: {exc}") from exc
     if config is not None:
         diffs += [f"world_model.{name} {getattr(saved, name)!r} in the checkpoint vs {getattr(config, name)!r} in the config"
                   for name in ARCHITECTURE if getattr(saved, name) != getattr(config, name)]
