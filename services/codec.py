@@ -5,6 +5,8 @@ Used by both sides of the wire; imports only numpy and the generated messages.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
@@ -16,14 +18,20 @@ class CodecError(ValueError):
     """A tensor message that does not decode, or does not match what was expected."""
 
 
+_NAMES = {np.dtype(n): n for n in DTYPES}   # native dtypes: a dict lookup instead of building a name per call
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
 def encode(array: np.ndarray, dtype: str | None = None) -> pb.Tensor:
     """Encode an array (cast to ``dtype`` when given) as a little-endian ``Tensor``."""
     a = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
-    name = a.dtype.name
+    name = _NAMES.get(a.dtype) or a.dtype.name
     if name not in DTYPES:
         raise CodecError(f"cannot encode dtype {name}; allowed: {', '.join(DTYPES)}")
-    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    return pb.Tensor(dtype=name, shape=list(a.shape), data=a.tobytes())
+    order = a.dtype.byteorder
+    if not (a.flags.c_contiguous and (order in "<|" or (order == "=" and _NATIVE_LITTLE))):
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=name, shape=a.shape, data=a.tobytes())
 
 
 def decode(msg: pb.Tensor, name: str = "tensor") -> np.ndarray:

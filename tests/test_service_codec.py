@@ -26,6 +26,14 @@ def test_round_trip_is_exact_and_little_endian(dtype):
     assert b.dtype == a.dtype and np.array_equal(a, b)
 
 
+def test_strided_views_travel_as_their_values():
+    a = np.arange(60, dtype=np.float64).reshape(3, 4, 5)
+    for view in (a.T, a[:, ::2], a[1], np.asfortranarray(a)):
+        msg = encode(view)
+        assert list(msg.shape) == list(view.shape)
+        assert np.array_equal(decode(msg), view)
+
+
 def test_big_endian_input_travels_little_endian():
     a = np.array([1.5, -2.0], dtype=">f8")
     msg = encode(a)
