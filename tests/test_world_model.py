@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -114,6 +115,17 @@ def test_bfloat16_inference_stays_near_float32_row_by_row_and_through_a_checkpoi
     low.save(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"bad.pt holds a config this version cannot use: .*inference_dtype"):
         WorldModel.load(tmp_path / "bad.pt")
+
+
+def test_read_only_inputs_from_the_wire_predict_like_writable_ones(trained, pendulum_data):
+    wm, _ = trained
+    s = pendulum_data[1].states[:16].astype(np.float32)
+    a = pendulum_data[1].actions[:16].astype(np.float32)
+    ro_s, ro_a = (np.frombuffer(x.tobytes(), np.float32).reshape(x.shape) for x in (s, a))   # as services.codec decodes
+    assert not ro_s.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # torch warns on sharing a read-only buffer
+        np.testing.assert_array_equal(wm.step(ro_s, ro_a), wm.step(s, a))
 
 
 def test_bad_inputs_raise():

@@ -109,6 +109,11 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _writable(x):
+    """``x``, or a copy of a read-only array (a decoded request): torch would share its memory and warn."""
+    return x.copy() if isinstance(x, np.ndarray) and not x.flags.writeable else x
+
+
 def new_version() -> str:
     return f"wm-{uuid.uuid4().hex[:8]}"
 
@@ -164,8 +169,8 @@ class WorldModel:
         return (x - self.norm["in_mean"]) / self.norm["in_std"]
 
     def _as_tensors(self, states, actions) -> tuple[torch.Tensor, torch.Tensor]:
-        s = torch.as_tensor(states, dtype=torch.float32, device=self.device)
-        a = torch.as_tensor(actions, dtype=torch.float32, device=self.device)
+        s = torch.as_tensor(_writable(states), dtype=torch.float32, device=self.device)
+        a = torch.as_tensor(_writable(actions), dtype=torch.float32, device=self.device)
         if a.dim() == 1 and self.action_size == 1:
             a = a[:, None]
         if s.dim() != 2 or s.shape[1] != self.state_size:
