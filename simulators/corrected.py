@@ -112,7 +112,7 @@ class PendingStep:
     states: np.ndarray                  # [B, S] before the step
     actions: np.ndarray                 # [B, A] clipped
     held: np.ndarray                    # [B] bool
-    wm_states: np.ndarray | None        # world-model rows: [s; imagined] (f < 1) or imagined
+    wm_states: np.ndarray | None        # world-model rows: [s; imagined] (f < 1; s alone where they are equal) or imagined
     wm_actions: np.ndarray | None
     engine: bool                        # whether the engine steps (states, actions)
     ground: np.ndarray | None = None    # reground: [B] envs replaced by the engine's step
@@ -191,10 +191,11 @@ class CorrectedSimulator:
         import torch
 
         B, wm = len(a), self.world_model
-        pred, _ = wm.predict(torch.as_tensor(rows, dtype=torch.float64, device=wm.device), np.concatenate([a, a]))
+        acts = np.concatenate([a, a]) if len(rows) > B else a   # B rows: the imagination starts from the states
+        pred, _ = wm.predict(torch.as_tensor(rows, dtype=torch.float64, device=wm.device), acts)
         engine_next = engine_tensor(self.engine, rows[:B], a).to(pred)
         s1 = pred[:B] + self.fidelity * (engine_next - pred[:B])
-        return s1.cpu().numpy(), pred[B:].cpu().numpy()
+        return s1.cpu().numpy(), pred[B:].cpu().numpy() if len(rows) > B else pred[:B].cpu().numpy()
 
     def begin(self, actions: np.ndarray, hold: np.ndarray | None = None) -> PendingStep:
         """Check the actions and say what the world model and the engine must compute for this step."""
@@ -205,9 +206,12 @@ class CorrectedSimulator:
         held = np.zeros(B, bool) if hold is None else np.asarray(hold, bool).reshape(-1)
         if held.shape != (B,):
             raise ValueError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
-        # One WM call for both the correction (from s) and the imagination (from the imagined state).
+        # One WM call for both the correction (from s) and the imagination (from the imagined state); where every
+        # imagination window starts at this step the two are the same rows, computed once (a row's prediction does
+        # not depend on its batch, so the values are the same).
         need_wm = f < 1.0
-        rows = np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
+        shared = need_wm and np.array_equal(s, self._imagined_state)
+        rows = s if shared else np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
         ground = None
         if f == 1.0 or (self.mode == "blend" and f > 0.0):
             engine = True
@@ -216,7 +220,7 @@ class CorrectedSimulator:
         else:  # reground: the full batch when any env grounds (keeps JAX engines at one compiled shape)
             ground = (self._t + 1) % self.reground_every == 0 if self.reground_every else np.zeros(B, bool)
             engine = bool(ground.any())
-        return PendingStep(s, a, held, rows, np.concatenate([a, a]) if need_wm else a, engine, ground)
+        return PendingStep(s, a, held, rows, np.concatenate([a, a]) if need_wm and not shared else a, engine, ground)
 
     def compute(self, p: PendingStep) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The world model's and the engine's next states of ``p``'s rows, this simulator alone."""
@@ -234,8 +238,10 @@ class CorrectedSimulator:
                 ) -> tuple[np.ndarray, np.ndarray]:
         """(corrected next states, next imagined states) from the computed rows of ``p``."""
         B = len(p.states)
-        wm_next, imagined_next = (wm_out[:B], wm_out[B:]) if self.fidelity < 1.0 else (None, wm_out)
-        return self._correct(p, wm_next, engine_next), imagined_next
+        if self.fidelity == 1.0:
+            return self._correct(p, None, engine_next), wm_out
+        wm_next = wm_out[:B]
+        return self._correct(p, wm_next, engine_next), (wm_out[B:] if len(wm_out) > B else wm_next)
 
     def finish(self, p: PendingStep, s1: np.ndarray, imagined_next: np.ndarray) -> StepResult:
         """Hold, terminate, reward, record the imagination and auto-reset: the rest of ``step``."""

@@ -169,3 +169,33 @@ def test_held_envs_stay_put_while_the_others_step():
     assert r.window.mask.tolist() == [True, False, True, False] and r.steps.tolist() == [2, 3, 2, 3]
     with pytest.raises(ValueError, match=r"hold has shape \(3,\), expected \(4,\)"):
         sim.step(np.zeros((4, 1)), hold=np.zeros(3, bool))
+
+
+# world-model rows per step, in units of num_envs, with horizon 3 over 7 steps:
+SHARED_ROWS = {
+    (0.5, "blend"): [1, 2, 2, 1, 2, 2, 1],       # the imagination has its own rows except where windows start
+    (0.0, "blend"): [1, 1, 1, 1, 1, 1, 1],       # the world model alone: it imagines exactly what it simulates
+    (0.5, "reground"): [1, 1, 2, 1, 2, 2, 1],    # grounded after steps 1, 3, 5; windows start at 0, 3, 6
+}
+
+
+@pytest.mark.parametrize("fidelity,mode,envs", [(0.5, "blend", 7), (0.0, "blend", 1), (0.5, "reground", 5)])
+def test_rows_shared_by_the_state_and_the_imagination_are_predicted_once_with_the_same_values(wm, engine, fidelity,
+                                                                                              mode, envs):
+    H = 3
+    sim = CorrectedSimulator("pendulum", wm, engine, fidelity, mode=mode, horizon=H, num_envs=envs)
+    sim.reset()
+    rng = np.random.default_rng(1)
+    sizes = []
+    for _ in range(2 * H + 1):
+        a = rng.uniform(-1, 1, (envs, 1))
+        p = sim.begin(a)
+        sizes.append(len(p.wm_states) // envs)
+        wm_out, engine_next = sim.compute(p)
+        # both sets of rows computed, as if they were not shared: the same bits
+        full = wm.step(np.concatenate([p.states, sim._imagined_state]), np.concatenate([p.actions, p.actions]))
+        s1, imagined = sim.combine(p, wm_out, engine_next)
+        np.testing.assert_array_equal(imagined, full[envs:])
+        np.testing.assert_array_equal(wm_out[:envs], full[:envs])
+        sim.finish(p, s1, imagined)
+    assert sizes == SHARED_ROWS[(fidelity, mode)]

@@ -128,6 +128,20 @@ def test_read_only_inputs_from_the_wire_predict_like_writable_ones(trained, pend
         np.testing.assert_array_equal(wm.step(ro_s, ro_a), wm.step(s, a))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_large_batch_goes_in_chunks_and_each_row_gets_what_it_gets_alone(trained, pendulum_data, dtype):
+    from simulators.world_model.ensemble import CHUNK_ROWS
+
+    wm = copy.copy(trained[0])
+    wm.config = dataclasses.replace(wm.config, inference_dtype=dtype)
+    test = pendulum_data[1]
+    for n in (3 * CHUNK_ROWS - 36, 2 * CHUNK_ROWS + 1):              # the second ends in what would be a one-row chunk
+        s, a = test.states[:n].astype(np.float64), test.actions[:n]
+        whole = wm.step(s, a)
+        for lo, hi in ((0, 7), (CHUNK_ROWS - 3, CHUNK_ROWS + 20), (n - 2, n), (n - 1, n)):
+            np.testing.assert_array_equal(wm.step(s[lo:hi], a[lo:hi]), whole[lo:hi])
+
+
 def test_bad_inputs_raise():
     wm = WorldModel("pendulum", 2, 1, WorldModelConfig(**SMALL))
     with pytest.raises(ValueError, match="states have shape"):

@@ -8,6 +8,9 @@ import math
 import torch
 from torch import nn
 
+# Rows per pass through the network on a CPU: 512 rows of 5 x 128 float32 activations (1.3 MB) stay in a
+# core's cache; measured on this machine, 8,192 rows take 2.3x less time in chunks on one thread, 1.3x on two.
+CHUNK_ROWS = 512
 
 class EnsembleLinear(nn.Module):
     """``E`` independent linear layers applied as one ``baddbmm``: ``[E, B, in] -> [E, B, out]``."""
@@ -55,8 +58,24 @@ class GaussianEnsemble(nn.Module):
         no module dispatch; the log-std is skipped unless ``with_std``. ``x``: ``[B, in]`` or ``[E, B, in]``.
 
         ``dtype=torch.bfloat16`` runs the products between hidden layers in bfloat16 (float32 accumulation);
-        the first layer (the state's features) and the head (the predicted change) stay float32.
+        the first layer (the state's features) and the head (the predicted change) stay float32. On a CPU
+        a batch of more than ``CHUNK_ROWS`` rows goes through the network in chunks of that many rows, so
+        that a chunk's activations stay in a core's cache; a row's values do not depend on its chunk.
         """
+        n = x.shape[-2]
+        if n <= CHUNK_ROWS or x.device.type != "cpu":
+            out = self._head_out(x, dtype)
+        else:
+            bounds = list(range(0, n, CHUNK_ROWS))
+            if n - bounds[-1] == 1:   # no one-row chunk: a one-row product takes another kernel (other bits)
+                bounds.pop()
+            out = torch.cat([self._head_out(x[..., lo:hi, :], dtype) for lo, hi in zip(bounds, bounds[1:] + [n])],
+                            dim=1)
+        mean, log_std = out.chunk(2, dim=-1)
+        return mean, (self._bound(log_std) if with_std else None)
+
+    def _head_out(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The head's output ``[E, B, 2 out]`` (means and raw log-stds) of ``x`` ``[B, in]`` or ``[E, B, in]``."""
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, -1, -1)
         if dtype == torch.float32 or len(self.hidden) < 2:
@@ -68,9 +87,7 @@ class GaussianEnsemble(nn.Module):
             for layer in rest:
                 x = nn.functional.silu(torch.baddbmm(layer.bias.to(dtype), x, layer.weight.to(dtype)), inplace=True)
             x = x.float()
-        out = torch.baddbmm(self.head.bias, x, self.head.weight)
-        mean, log_std = out.chunk(2, dim=-1)
-        return mean, (self._bound(log_std) if with_std else None)
+        return torch.baddbmm(self.head.bias, x, self.head.weight)
 
     def _bound(self, log_std: torch.Tensor) -> torch.Tensor:
         log_std = self.max_log_std - nn.functional.softplus(self.max_log_std - log_std)

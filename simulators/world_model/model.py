@@ -183,9 +183,11 @@ class WorldModel:
     def _members(self, states, actions, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-member normalised state change and std ``[E, B, S]`` (float32); the std in state units.
 
-        Every row's result depends on that row alone, not on the rest of the batch: a single row is
+        Every row's mean depends on that row alone, not on the rest of the batch: a single row is
         computed as two (a one-row product takes another kernel), and members are averaged by
         ``member_mean``. So a batch coalesced from many callers gives each the bits it would get alone.
+        (The std's softplus bound may differ in its last bit between batch sizes: a vectorised
+        transcendental computes the tail of an array with other instructions.)
         """
         s, a = self._as_tensors(states, actions)
         with torch_threads(self.config.num_threads):
