@@ -9,9 +9,10 @@ the last ``ACTIVE_S`` (at least ten waits) and is not being computed has a step 
 ``max_wait_s`` passed, then computes the queue: the world-model rows of all simulators sharing a world
 model in one ``step``, the engine rows of all simulators whose engine is the same model
 (``ROW_INDEPENDENT_ENGINES``) in one ``step_vectors``. Callers finish their own steps (``combine`` +
-``finish``), so grading and recording stay per session. Every row's result depends on that row alone
-(MuJoCo steps each env on its own; ``WorldModel`` predictions are batch-independent), so a coalesced
-step gives each simulator the bits it would get stepping alone.
+``finish``), so grading and recording stay per session. Every merged row's result depends on that row
+alone (MuJoCo steps each env on its own; a world model's rows are merged only where
+``WorldModel.rows_independent`` holds, else each simulator's are computed in a call of their own), so a
+coalesced step gives each simulator the bits it would get stepping alone.
 
 A JAX engine compiles per batch shape, so its rows are never merged with another simulator's; a
 simulator that blends on a GPU (``device_blend``) steps alone.
@@ -19,6 +20,7 @@ simulator that blends on a GPU (``device_blend``) steps alone.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import numpy as np
 
 ROW_INDEPENDENT_ENGINES = frozenset({"mujoco"})   # engines whose rows of one model may share a call
 ACTIVE_S = 1.0                                     # a simulator counts as active this long after its last step
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StepBatcher:
             raise ValueError(f"max_wait_s must be in [0, 1] seconds, got {max_wait_s!r}")
         self.max_wait_s = float(max_wait_s)
         self.stats = BatcherStats()
+        self._warned: set[str] = set()
         self._cond = threading.Condition()
         self._queue: list[_Ticket] = []
         self._leading = False
@@ -105,7 +109,8 @@ class StepBatcher:
             engine_groups: dict[object, list[_Ticket]] = {}
             for t in batch:
                 if t.pending.wm_states is not None:
-                    wm_groups.setdefault(id(t.sim.world_model), []).append(t)
+                    wm = t.sim.world_model
+                    wm_groups.setdefault(id(wm) if self._mergeable(wm) else (id(wm), id(t)), []).append(t)
                 if t.pending.engine:
                     engine_groups.setdefault(_engine_key(t.sim.engine), []).append(t)
             for group in wm_groups.values():
@@ -124,6 +129,17 @@ class StepBatcher:
                 self._cond.notify_all()
             for t in batch:
                 t.done.set()
+
+    def _mergeable(self, world_model) -> bool:
+        """Whether this world model's rows may share a call; says so once per model when they may not."""
+        if world_model.rows_independent():
+            return True
+        if world_model.version not in self._warned:
+            self._warned.add(world_model.version)
+            log.warning("world model %s: a row's prediction depends on its batch on this machine (its layer shapes "
+                        "pick other kernels by batch size); its rows are computed per session, not merged",
+                        world_model.version)
+        return False
 
     @staticmethod
     def _call(group: list[_Ticket], attr: str, fn, rows) -> None:

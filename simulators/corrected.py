@@ -206,11 +206,11 @@ class CorrectedSimulator:
         held = np.zeros(B, bool) if hold is None else np.asarray(hold, bool).reshape(-1)
         if held.shape != (B,):
             raise ValueError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
-        # One WM call for both the correction (from s) and the imagination (from the imagined state); where every
-        # imagination window starts at this step the two are the same rows, computed once (a row's prediction does
-        # not depend on its batch, so the values are the same).
+        # One WM call for both the correction (from s) and the imagination (from the imagined state); where they
+        # are the same rows (every window starts at this step, or f = 0) they are computed once: a row's prediction
+        # does not depend on its batch, so the values are the same (one env: two rows cost what one does).
         need_wm = f < 1.0
-        shared = need_wm and np.array_equal(s, self._imagined_state)
+        shared = need_wm and B > 1 and np.array_equal(s, self._imagined_state)
         rows = s if shared else np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
         ground = None
         if f == 1.0 or (self.mode == "blend" and f > 0.0):

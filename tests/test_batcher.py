@@ -15,6 +15,7 @@ from services.batcher import StepBatcher
 from services.config import ServerConfig
 from services.models import ModelStore
 from services.session import SessionRequest, open_session
+from simulators import WorldModel, WorldModelConfig
 from simulators.dataset import TransitionDataset
 
 CASES = [(1, 0.5, "blend"), (7, 0.5, "blend"), (64, 0.2, "reground"), (16, 1.0, "blend"), (5, 0.0, "blend")]
@@ -124,6 +125,34 @@ def test_coalesced_steps_equal_steps_alone(tmp_path, task, dtype):
     assert batcher.stats.steps == STEPS * len(CASES)
     assert batcher.stats.wm_calls < batcher.stats.steps
     assert batcher.stats.batches < batcher.stats.steps
+
+
+@pytest.mark.parametrize("shape", ["forced", "hidden 32"])
+def test_a_world_model_whose_rows_depend_on_their_batch_is_computed_per_session(tmp_path, shape, monkeypatch):
+    """Where a model's rows are not batch-independent (forced here, or a layer shape that picks other kernels
+    by batch size on this machine), each session's world-model rows get a call of their own: still bit for bit."""
+    probe, default = open_all(tmp_path / "probe", "pendulum")
+    for s in probe:
+        s.close()
+    if shape == "forced":
+        wm = copy.copy(default)
+        monkeypatch.setattr(wm, "rows_independent", lambda: False)
+    else:
+        wm = WorldModel("pendulum", default.state_size, default.action_size,
+                        WorldModelConfig(hidden_size=32, num_layers=2, ensemble_size=3))
+    alone, _ = open_all(tmp_path / "alone", "pendulum", world_model=wm)
+    together, _ = open_all(tmp_path / "together", "pendulum", world_model=wm)
+    steps = inputs(alone)[:20]
+    batcher = StepBatcher(max_wait_s=1.0)
+    want, got = run_alone(alone, steps), run_coalesced(together, steps, batcher)
+    for t in range(len(steps)):
+        for i in range(len(CASES)):
+            assert_same(want[t][i][0], got[t][i][0], f"step {t} session {i} result")
+    if not wm.rows_independent():
+        assert batcher.stats.wm_calls == batcher.stats.steps           # one world-model call per session step
+    assert batcher.stats.engine_calls < batcher.stats.steps           # the engine's rows still merge
+    for s in alone + together:
+        s.close()
 
 
 def test_bad_actions_fail_only_their_caller(tmp_path):

@@ -142,6 +142,21 @@ def test_a_large_batch_goes_in_chunks_and_each_row_gets_what_it_gets_alone(train
             np.testing.assert_array_equal(wm.step(s[lo:hi], a[lo:hi]), whole[lo:hi])
 
 
+def test_rows_independent_catches_a_prediction_that_depends_on_its_batch(trained, monkeypatch):
+    wm = copy.copy(trained[0])
+    wm._independent = {}
+    step = wm.step
+    calls = []
+    monkeypatch.setattr(wm, "step", lambda s, a: calls.append(len(s)) or step(s, a))
+    assert wm.rows_independent() in (True, False) and calls                  # computed ...
+    n = len(calls)
+    wm.rows_independent()
+    assert len(calls) == n                                                   # ... once per version
+    monkeypatch.setattr(wm, "step", lambda s, a: step(s, a) + 1e-12 * len(s))  # a batch-size-dependent rounding
+    wm.version = "wm-other"
+    assert wm.rows_independent() is False
+
+
 def test_bad_inputs_raise():
     wm = WorldModel("pendulum", 2, 1, WorldModelConfig(**SMALL))
     with pytest.raises(ValueError, match="states have shape"):

@@ -38,7 +38,7 @@ import torch
 
 from simulators.dataset import TransitionDataset
 from simulators.tasks import Task, make_task
-from simulators.world_model.ensemble import GaussianEnsemble, member_mean
+from simulators.world_model.ensemble import CHUNK_ROWS, GaussianEnsemble, member_mean
 
 # The fields that shape the network: stored in a checkpoint and checked when it is loaded with a config.
 # The other fields (learning rate, batch size, epochs, patience, holdout, seed, device, threads, inference dtype) say how
@@ -127,6 +127,7 @@ class WorldModel:
         self.config = config or WorldModelConfig()
         self.base_params = {k: float(v) for k, v in (base_params or {}).items()} if self.config.base == "engine" else {}
         self._base, self._base_lock = None, threading.Lock()
+        self._independent: dict[tuple, bool] = {}
         self.state_size, self.action_size = int(state_size), int(action_size)
         self.device = torch.device(self.config.device)
         obs = self.task.observe(np.zeros((1, self.state_size)))
@@ -158,11 +159,12 @@ class WorldModel:
         return np.where(finite[:, None], out, np.nan)
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_base", "_base_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_base", "_base_lock", "_independent")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._base, self._base_lock = None, threading.Lock()
+        self._independent = {}
 
     def _inputs(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.task.observe(states), actions], dim=1)
@@ -183,9 +185,10 @@ class WorldModel:
     def _members(self, states, actions, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-member normalised state change and std ``[E, B, S]`` (float32); the std in state units.
 
-        Every row's mean depends on that row alone, not on the rest of the batch: a single row is
+        A row's mean is meant to depend on that row alone, not on the rest of the batch: a single row is
         computed as two (a one-row product takes another kernel), and members are averaged by
-        ``member_mean``. So a batch coalesced from many callers gives each the bits it would get alone.
+        ``member_mean``. Whether the matrix library keeps it so for this model's layer shapes is checked by
+        ``rows_independent`` (it does for the default architecture here).
         (The std's softplus bound may differ in its last bit between batch sizes: a vectorised
         transcendental computes the tail of an array with other instructions.)
         """
@@ -224,6 +227,27 @@ class WorldModel:
         """Ensemble-mean next state ``[B, S]`` (float64 numpy)."""
         delta = self._delta(self._members(states, actions, with_std=False)[0])
         return self.base_step(states, actions) + delta.double().cpu().numpy()
+
+    def rows_independent(self) -> bool:
+        """Whether each row's ``step`` is the same, bit for bit, in any batch on this machine.
+
+        A matrix library may choose its kernels (and so its order of summation) by batch size and thread
+        count, for some layer shapes and not others. Checked once per weights version, dtype, device and
+        thread count on a probe batch: slices of 1-600 rows at several offsets, across the CPU chunk
+        boundary. ``services.batcher`` merges a model's rows with other sessions' only when this holds.
+        """
+        key = (self.version, self.config.inference_dtype, str(self.device), torch.get_num_threads())
+        if key not in self._independent:
+            rng = np.random.default_rng(0)
+            n = 2 * CHUNK_ROWS + 37
+            states = rng.normal(size=(n, self.state_size)) * self.state_scale
+            actions = rng.uniform(-1.0, 1.0, (n, self.action_size))
+            whole = self.step(states, actions)
+            sizes = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 64, 100, 129, 255, 257, CHUNK_ROWS + 1, 600)
+            self._independent[key] = all(
+                np.array_equal(self.step(states[lo:lo + k], actions[lo:lo + k]), whole[lo:lo + k], equal_nan=True)
+                for k in sizes for lo in {0, 1, 37, n - k})
+        return self._independent[key]
 
     @torch.inference_mode()
     def disagreement(self, states, actions) -> np.ndarray:
