@@ -207,8 +207,9 @@ class CorrectedSimulator:
         if held.shape != (B,):
             raise ValueError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
         # One WM call for both the correction (from s) and the imagination (from the imagined state); where they
-        # are the same rows (every window starts at this step, or f = 0) they are computed once: a row's prediction
-        # does not depend on its batch, so the values are the same (one env: two rows cost what one does).
+        # are the same rows (every window starts at this step, or f = 0) they are computed once (one env: two rows
+        # cost what one does). The values are the same where the model's rows do not depend on their batch
+        # (``WorldModel.rows_independent``); either way a step is a function of the simulator's state.
         need_wm = f < 1.0
         shared = need_wm and B > 1 and np.array_equal(s, self._imagined_state)
         rows = s if shared else np.concatenate([s, self._imagined_state]) if need_wm else self._imagined_state
