@@ -74,7 +74,8 @@ def build_rllib_config(ppo: PPOConfig, env: EnvConfig) -> RLlibPPOConfig:
     return (
         RLlibPPOConfig()
         .framework("torch")
-        .environment(env=ENV_NAME, env_config=env.to_dict())
+        # the served env maps normalized actions to the task's bounds for its whole batch (``make_served_env``)
+        .environment(env=ENV_NAME, env_config=env.to_dict(), normalize_actions=False, clip_actions=False)
         .env_runners(env_runner_cls=FlywheelEnvRunner, num_env_runners=ppo.num_env_runners,
                      num_envs_per_env_runner=ppo.num_envs_per_runner, num_cpus_per_env_runner=ppo.num_cpus_per_runner,
                      gym_env_vectorize_mode=gym.VectorizeMode.VECTOR_ENTRY_POINT, rollout_fragment_length=fragment,
@@ -131,7 +132,15 @@ class PolicyTrainer:
         register_env(ENV_NAME, make_served_env)
         self.algo = build_rllib_config(ppo, env).build_algo()
         self.iteration = 0
+        self.action_space = self._physical_action_space()
         self.sync_runners()
+
+    def _physical_action_space(self) -> gym.spaces.Box:
+        """The task's action bounds (the module acts in [-1, 1]; the served env maps to these)."""
+        group = self.algo.env_runner_group
+        if group.num_remote_env_runners():
+            return group.foreach_env_runner(lambda r: r.env.unwrapped.physical_action_space, local_env_runner=False)[0]
+        return group.local_env_runner.env.unwrapped.physical_action_space
 
     # -- training ------------------------------------------------------------------------------
     def train(self, iterations: int = 1, env_steps: int | None = None, max_retries: int = 3) -> list[dict]:
@@ -252,12 +261,9 @@ class PolicyTrainer:
 
     def policy(self) -> TorchPolicy:
         """The current actor as a torch-only deterministic ``TorchPolicy``."""
-        space = self.algo.get_module().action_space if self.algo.get_module() else None
-        if space is None:
-            space = self.algo.env_runner_group.foreach_env_runner(
-                lambda r: r.env.unwrapped.single_action_space, local_env_runner=False)[0]
         weights = self.get_weights()
         obs_size = int(weights["encoder.actor_encoder.net.mlp.0.weight"].shape[1])
+        space = self.action_space
         policy = TorchPolicy(obs_size, space.low, space.high, self.ppo.hidden_sizes, self.ppo.activation)
         return policy.load_module_weights(weights)
 

@@ -59,6 +59,7 @@ class LanedVectorEnv(VectorEnv):
         self.session_info = first.session_info
         self.single_observation_space = first.single_observation_space
         self.single_action_space = first.single_action_space
+        self.physical_action_space = first.physical_action_space    # the task's bounds (see ``normalized_actions``)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 

@@ -27,7 +27,7 @@ class LocalVectorEnv(SimulatorVectorEnv):
 
     def __init__(self, task: str, num_envs: int, fidelity: float = 1.0, mode: str = "blend", seed: int = 0,
                  reward_weights: dict[str, float] | None = None, horizon: int = 0, world_model=None,
-                 config: ServerConfig | None = None):
+                 config: ServerConfig | None = None, normalized_actions: bool = False):
         self.config = config or ServerConfig(task=task)
         if world_model is None and not self.config.world_model_path:
             self.config = ServerConfig(**{**vars(self.config), "task": task})
@@ -36,7 +36,7 @@ class LocalVectorEnv(SimulatorVectorEnv):
         request = SessionRequest(task, num_envs, fidelity, mode, seed, "", dict(reward_weights or {}), horizon)
         self.session = open_session(self.config, self.models, request,
                                     lambda: self.config.episode_offset + next(offsets) * 2**32)
-        self._setup(self.session.info)
+        self._setup(self.session.info, normalized_actions)
 
     def _reset(self, seed: int | list[int] | None) -> np.ndarray:
         return self.session.restart(seed)

@@ -13,6 +13,11 @@ observation, and the next step's observation as the new episode's reset observat
         # info["reward/task"|"reward/imagination"|"reward/physics"|"reward/total"], info["success"] (+ "_" masks)
     env.close()
 
+``normalized_actions=True``: the env takes actions in [-1, 1] (RLlib's normalized convention) and maps
+them to the task's bounds itself, ``low + (a + 1) * (high - low) / 2`` clipped to the bounds (RLlib's
+``unsquash_action``, bit for bit, for the whole batch at once instead of once per env);
+``action_space`` is then ``[-1, 1]`` and ``physical_action_space`` keeps the task's bounds.
+
 ``step_async(actions)`` then ``step_wait()`` is ``step`` with the served step on the wire in between (the
 caller computes something else meanwhile: ``services.lanes``).
 
@@ -56,13 +61,16 @@ class SimulatorVectorEnv(VectorEnv):
     metadata: ClassVar[dict] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
     render_mode = None
 
-    def _setup(self, info: SessionInfo) -> None:
+    def _setup(self, info: SessionInfo, normalized_actions: bool = False) -> None:
         self.num_envs = int(info.num_envs)
         self.session_info = info
         self.single_observation_space = spaces.Box(info.observation_low.astype(np.float32),
                                                    info.observation_high.astype(np.float32), dtype=np.float32)
-        self.single_action_space = spaces.Box(info.action_low.astype(np.float32), info.action_high.astype(np.float32),
-                                              dtype=np.float32)
+        self.physical_action_space = spaces.Box(info.action_low.astype(np.float32),
+                                                info.action_high.astype(np.float32), dtype=np.float32)
+        self.normalized_actions = bool(normalized_actions)
+        self.single_action_space = (normalized_space(self.physical_action_space) if self.normalized_actions
+                                    else self.physical_action_space)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._pending = np.zeros(self.num_envs, dtype=bool)
@@ -164,7 +172,8 @@ class SimulatorVectorEnv(VectorEnv):
             raise RuntimeError("call reset() before step()")
         if self._in_flight is not None:
             raise RuntimeError("a step is already in flight; call step_wait() before the next step")
-        return check_actions(actions, self.action_space.shape), self._pending
+        a = check_actions(actions, self.action_space.shape)
+        return (unsquash(a, self.physical_action_space) if self.normalized_actions else a), self._pending
 
     def _present(self, out: StepReply, held: np.ndarray):
         """A same-step-autoreset backend step as gymnasium's next-step-autoreset ``step`` return."""
@@ -195,9 +204,21 @@ def check_actions(actions, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
+def normalized_space(space: spaces.Box) -> spaces.Box:
+    """``[-1, 1]`` in ``space``'s shape: what a ``normalized_actions`` env takes."""
+    return spaces.Box(-1.0, 1.0, space.shape, dtype=np.float32)
+
+
+def unsquash(actions: np.ndarray, space: spaces.Box) -> np.ndarray:
+    """Normalized actions ``[B, A]`` -> ``space``'s bounds, clipped: RLlib's ``unsquash_action`` for every row at once."""
+    low, high = space.low, space.high
+    return np.clip(low + (actions + 1.0) * (high - low) / 2.0, low, high)
+
+
 class RemoteVectorEnv(SimulatorVectorEnv):
     """A ``VectorEnv`` over one session of a simulator server (numpy, gymnasium and grpc only).
 
+    ``normalized_actions``: actions in [-1, 1], mapped to the task's bounds here (see the module's docstring).
     ``client`` shares an open ``SimulatorClient`` (one channel for several sessions, e.g. the lanes of
     ``services.lanes``; the env then leaves it open on close).
     ``timeout`` bounds every call, connecting included. ``token``/``token_file`` and ``tls_root_cert``
@@ -210,7 +231,7 @@ class RemoteVectorEnv(SimulatorVectorEnv):
                  world_model_version: str = "", streaming: bool = False, timeout: float = 60.0,
                  max_message_mb: int = 256, token: str | None = None, token_file: str | None = None,
                  tls_root_cert: str | None = None, credentials: ClientCredentials | None = None,
-                 client: SimulatorClient | None = None):
+                 client: SimulatorClient | None = None, normalized_actions: bool = False):
         self._owns_client = client is None
         self.client = client or SimulatorClient(address, timeout=timeout, max_message_mb=max_message_mb, token=token,
                                                 token_file=token_file, tls_root_cert=tls_root_cert,
@@ -225,7 +246,7 @@ class RemoteVectorEnv(SimulatorVectorEnv):
             raise
         if streaming:
             self.session.use_stream()
-        self._setup(self.session.info)
+        self._setup(self.session.info, normalized_actions)
         self._current: np.ndarray | None = None    # [B, O] observation of each env's present state
 
     @property

@@ -52,7 +52,7 @@ def test_every_runner_holds_the_learner_weights_from_the_start(trainer):
 
 
 def test_restore_twelve_times_runners_hold_and_sample_with_the_restored_weights(trainer, checkpoints):
-    space = trainer.algo.get_module().action_space
+    space = trainer.action_space                                 # the task's bounds (the module acts in [-1, 1])
     obs_size = 3
     for i in range(12):
         path, digest, policy = checkpoints[i % 3]

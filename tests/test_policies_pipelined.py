@@ -5,6 +5,7 @@ separate sessions on one channel."""
 import os
 import signal
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import ray
@@ -57,6 +58,31 @@ def test_samples_hold_whole_episodes_and_the_steps_asked_for(trainer):
         assert len(e.get_extra_model_outputs(Columns.ACTION_LOGP)) == len(e)
     starts = [e.get_observations(0) for e in done if e.t_started == 0]
     assert len({tuple(np.round(o, 6)) for o in starts}) == len(starts)   # lanes do not repeat each other's seeds
+
+
+@pytest.mark.parametrize("loop", ["pipelined", "rllib"])
+def test_every_sampled_action_reaches_the_server_as_rllibs_unsquash(trainer, loop, monkeypatch):
+    """RLlib's per-env unsquash is off; the env maps the module's actions to the task's bounds exactly as it would."""
+    from ray.rllib.utils.spaces.space_utils import unsquash_action
+
+    r = runner(trainer)
+    assert not r.config.normalize_actions and not r.config.clip_actions
+    env = r.env.unwrapped
+    physical = env.physical_action_space
+    assert physical.low.tolist() == [-1.0] and physical.high.tolist() == [1.0]   # pendulum's torque bounds
+    assert env.single_action_space == gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    sent = []
+    for lane in env.lanes:
+        def send(actions, hold, lane=lane, original=lane._send):
+            sent.append(actions.copy())
+            return original(actions, hold)
+        monkeypatch.setattr(lane, "_send", send)
+    episodes = r.sample(num_timesteps=60) if loop == "pipelined" else r.sample(num_episodes=1)
+    raw = np.concatenate([e.get_actions() for e in episodes])
+    on_wire = {tuple(row) for batch in sent for row in batch}
+    assert len(raw) >= 60 and np.abs(raw).max() > 1.0                  # the module's samples leave [-1, 1]
+    assert all(tuple(unsquash_action(a, physical)) in on_wire for a in raw)
+    assert all(physical.contains(row) for row in np.concatenate(sent))
 
 
 def test_ppo_trains_through_lanes_and_logs_the_reward_terms(trainer):

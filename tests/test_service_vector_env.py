@@ -10,6 +10,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import DictInfoToList, NormalizeObservation, RecordEpisodeStatistics
 
 from services import LocalVectorEnv, RemoteVectorEnv
+from services.vector_env import unsquash
 from simulators import make_task
 
 TASK, B = "pendulum", 3
@@ -149,6 +150,45 @@ def test_per_env_seeds_reset_mask_episode_ids_and_closed_envs(setup, make):
         env.step(actions(1))
     with pytest.raises(RuntimeError, match="is closed"):
         env.reset()
+
+
+@pytest.mark.parametrize("make", [remote, local], ids=["remote", "local"])
+def test_normalized_actions_are_rllibs_unsquash_for_the_whole_batch(setup, make):
+    from ray.rllib.utils.spaces.space_utils import unsquash_action   # RLlib's map, one env at a time
+
+    spec = setup["spec"]
+    physical, normalized = make(setup), make(setup, normalized_actions=True)
+    assert normalized.single_action_space == gym.spaces.Box(-1.0, 1.0, (spec.action_size,), np.float32)
+    assert normalized.physical_action_space == physical.single_action_space == physical.physical_action_space
+    assert normalized.action_space.shape == (B, spec.action_size)
+    physical.reset(seed=2)
+    normalized.reset(seed=2)
+    rng, clipped = np.random.default_rng(5), 0
+    for _ in range(12):
+        a = rng.normal(0.0, 1.5, (B, spec.action_size)).astype(np.float32)     # a third beyond [-1, 1]
+        mapped = np.stack([unsquash_action(row, physical.single_action_space) for row in a])
+        np.testing.assert_array_equal(unsquash(a, physical.single_action_space), mapped)   # bit for bit
+        for x, y in zip(physical.step(mapped)[:4], normalized.step(a)[:4]):
+            np.testing.assert_array_equal(x, y)
+        clipped += int(((mapped == spec.action_low) | (mapped == spec.action_high)).sum())
+    assert clipped > 5                                                           # beyond [-1, 1]: at the bounds
+    with pytest.raises(ValueError, match="non-finite action in env"):
+        normalized.step(np.full((B, spec.action_size), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"expected \(3, 1\)"):
+        normalized.step(np.zeros((B, 2), np.float32))
+    physical.close()
+    normalized.close()
+
+
+def test_unsquash_is_rllibs_map_bit_for_bit_on_any_bounds():
+    from ray.rllib.utils.spaces.space_utils import unsquash_action
+
+    space = gym.spaces.Box(np.array([-2.0, 0.5, -1e-3], np.float32), np.array([3.0, 4.0, 7.5], np.float32))
+    a = np.random.default_rng(0).normal(0.0, 1.5, (500, 3)).astype(np.float32)
+    out = unsquash(a, space)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.stack([unsquash_action(row, space) for row in a]))
+    assert all(space.contains(row) for row in out)
 
 
 def test_observation_bounds_where_the_task_declares_them(setup):
