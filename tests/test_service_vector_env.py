@@ -154,7 +154,7 @@ def test_per_env_seeds_reset_mask_episode_ids_and_closed_envs(setup, make):
 
 @pytest.mark.parametrize("make", [remote, local], ids=["remote", "local"])
 def test_normalized_actions_are_rllibs_unsquash_for_the_whole_batch(setup, make):
-    from ray.rllib.utils.spaces.space_utils import unsquash_action   # RLlib's map, one env at a time
+    from ray.rllib.utils.spaces.space_utils import unsquash_action  # RLlib's map, one env at a time
 
     spec = setup["spec"]
     physical, normalized = make(setup), make(setup, normalized_actions=True)
