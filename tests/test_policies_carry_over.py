@@ -165,11 +165,20 @@ def test_torch_policy_acts_exactly_as_rllib_sends_actions_to_the_env(trainer):
 
 
 class _Recording(gym.vector.VectorWrapper):
-    """Records (observations the agent saw, actions it sent) for every step."""
+    """Records (observations the agent saw, actions the simulator stepped with: after the env's own mapping
+    of normalized actions to the task's bounds) for every step."""
 
     def __init__(self, env, log: list):
         super().__init__(env)
         self.log, self._obs = log, None
+        backend = env.unwrapped
+        step = backend._step
+
+        def stepped(actions, hold=None):
+            self.log.append((self._obs, np.array(actions)))
+            return step(actions, hold)
+
+        backend._step = stepped
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -177,7 +186,6 @@ class _Recording(gym.vector.VectorWrapper):
         return obs, info
 
     def step(self, actions):
-        self.log.append((self._obs, np.array(actions)))
         obs, *rest = self.env.step(actions)
         self._obs = np.array(obs, np.float32)
         return (obs, *rest)
