@@ -16,7 +16,8 @@ observation, and the next step's observation as the new episode's reset observat
 ``normalized_actions=True``: the env takes actions in [-1, 1] (RLlib's normalized convention) and maps
 them to the task's bounds itself, ``low + (a + 1) * (high - low) / 2`` clipped to the bounds (RLlib's
 ``unsquash_action``, bit for bit, for the whole batch at once instead of once per env);
-``action_space`` is then ``[-1, 1]`` and ``physical_action_space`` keeps the task's bounds.
+``action_space`` is then ``[-1, 1]`` (for a task bounded on every side, as RLlib maps only those) and
+``physical_action_space`` keeps the task's bounds.
 
 ``step_async(actions)`` then ``step_wait()`` is ``step`` with the served step on the wire in between (the
 caller computes something else meanwhile: ``services.lanes``).
@@ -205,12 +206,18 @@ def check_actions(actions, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def normalized_space(space: spaces.Box) -> spaces.Box:
-    """``[-1, 1]`` in ``space``'s shape: what a ``normalized_actions`` env takes."""
+    """``[-1, 1]`` in ``space``'s shape: what a ``normalized_actions`` env takes (``space`` itself where it is
+    not bounded on every side, as RLlib leaves such a space alone)."""
+    if not space.is_bounded("both"):
+        return space
     return spaces.Box(-1.0, 1.0, space.shape, dtype=np.float32)
 
 
 def unsquash(actions: np.ndarray, space: spaces.Box) -> np.ndarray:
-    """Normalized actions ``[B, A]`` -> ``space``'s bounds, clipped: RLlib's ``unsquash_action`` for every row at once."""
+    """Normalized actions ``[B, A]`` -> ``space``'s bounds, clipped: RLlib's ``unsquash_action`` for every row at
+    once (actions unchanged where ``space`` is not bounded on every side, as there)."""
+    if not space.is_bounded("both"):
+        return actions
     low, high = space.low, space.high
     return np.clip(low + (actions + 1.0) * (high - low) / 2.0, low, high)
 

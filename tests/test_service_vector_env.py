@@ -10,7 +10,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import DictInfoToList, NormalizeObservation, RecordEpisodeStatistics
 
 from services import LocalVectorEnv, RemoteVectorEnv
-from services.vector_env import unsquash
+from services.vector_env import normalized_space, unsquash
 from simulators import make_task
 
 TASK, B = "pendulum", 3
@@ -189,6 +189,10 @@ def test_unsquash_is_rllibs_map_bit_for_bit_on_any_bounds():
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, np.stack([unsquash_action(row, space) for row in a]))
     assert all(space.contains(row) for row in out)
+    half_open = gym.spaces.Box(np.array([-1.0, 0.0], np.float32), np.array([1.0, np.inf], np.float32))
+    b = a[:, :2]
+    np.testing.assert_array_equal(unsquash(b, half_open), np.stack([unsquash_action(row, half_open) for row in b]))
+    assert normalized_space(half_open) is half_open and normalized_space(space).low.tolist() == [-1.0] * 3
 
 
 def test_observation_bounds_where_the_task_declares_them(setup):
