@@ -10,7 +10,8 @@ per runner and policy network, measured in one run:
   ``Step`` calls or a ``StreamStep`` stream, one session per runner or ``--lanes`` sessions stepped in turn
   (the pipelined sampler, ``policies.pipelined_sampler``);
 - ``in-process``: the same EnvRunner on ``LocalVectorEnv`` (the same corrected simulator, no wire);
-- ``RLlib default``: RLlib's own ``SingleAgentEnvRunner`` on gymnasium's ``Pendulum-v1`` (``--gym-env``).
+- ``RLlib default``: RLlib's own ``SingleAgentEnvRunner`` on gymnasium's ``Pendulum-v1`` (``--gym-env``), with
+  RLlib's defaults (its per-env action unsquash included; Flywheel's served env maps its whole batch itself).
 
 The ratio gRPC / RLlib default is the one the service is judged by.
 """
