@@ -92,8 +92,14 @@ def assert_same(x, y, where: str) -> None:
 
 
 def recorded(session) -> TransitionDataset:
+    """A session's recorded transitions in episode and step order: which shard holds an episode depends on when
+    the recorder's timed flush ran, not on what was served."""
     session.close()
-    return TransitionDataset.concat([TransitionDataset.load(p) for p in session.recorder.shards])
+    data = TransitionDataset.concat([TransitionDataset.load(p) for p in session.recorder.shards])
+    order = np.lexsort((data.steps, data.episode_ids))
+    keys = np.stack([data.episode_ids[order], data.steps[order]], axis=1)
+    assert len(np.unique(keys, axis=0)) == len(data), "a transition was recorded twice"
+    return data.select(order)
 
 
 @pytest.mark.parametrize("task,dtype", [("pendulum", "float32"), ("cartpole", "float32"), ("pendulum", "bfloat16")])
