@@ -124,6 +124,8 @@ class PolicyTrainer:
     Every EnvRunner holds the learner's weights before it samples: they are pushed explicitly and
     compared by digest at construction, after ``restore``/``set_weights``, after a runner restart and
     at the start of every iteration; a runner that still differs is a ``WeightSyncError``.
+    ``action_space`` is the task's action bounds: the module acts in [-1, 1] and the served env maps its
+    actions there (``make_served_env``), as ``policy()`` does.
     """
 
     def __init__(self, ppo: PPOConfig, env: EnvConfig, num_cpus: int | None = None):
