@@ -155,6 +155,47 @@ def test_bad_registrations_say_what_is_wrong(slider):
         unregister_task("pendulum")
 
 
+def test_ppo_acts_within_a_runtime_tasks_own_action_bounds(slider):
+    """An actuator range other than [-1, 1]: RLlib's module acts in [-1, 1], the served env maps what it samples
+    to the task's bounds exactly as RLlib's per-env unsquash would, and the exported policy acts in them too."""
+    import gymnasium as gym
+    import ray
+    import torch
+    from ray.rllib.utils.spaces.space_utils import unsquash_action
+
+    from policies import EnvConfig, PolicyTrainer, ppo_config_for
+
+    (slider / "wide_task.py").write_text(SLIDER.replace('ctrlrange="-1 1"', 'ctrlrange="-3 2"')
+                                         .replace('name: str = "slider"', 'name: str = "wide"'))
+    register_task("wide", "wide_task:Slider")
+    ppo = ppo_config_for("pendulum", num_env_runners=0, num_envs_per_runner=4, train_batch_size=200, minibatch_size=100,
+                         num_epochs=1)
+    trainer = PolicyTrainer(ppo, EnvConfig(task="wide", addresses=["local"], local_engine="mujoco"), num_cpus=2)
+    try:
+        assert trainer.action_space.low.tolist() == [-3.0] and trainer.action_space.high.tolist() == [2.0]
+        runner = trainer.algo.env_runner_group.local_env_runner
+        env = runner.env.unwrapped
+        assert env.single_action_space == gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        assert env.physical_action_space == trainer.action_space
+        stepped = []
+        step = env._step
+        env._step = lambda actions, hold=None: (stepped.append(actions.copy()), step(actions, hold))[1]
+        episodes = runner.sample(num_timesteps=120)
+        raw = np.concatenate([e.get_actions() for e in episodes])
+        on_wire = {tuple(row) for batch in stepped for row in batch}
+        assert all(tuple(unsquash_action(a, trainer.action_space)) in on_wire for a in raw)
+        assert np.concatenate(stepped).min() >= -3.0 and np.concatenate(stepped).max() <= 2.0
+        policy = trainer.policy()
+        obs = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+        mean = policy.head(policy.encoder(torch.from_numpy(obs)))[:, :1].detach().numpy()
+        np.testing.assert_array_equal(policy(obs), np.stack([unsquash_action(m, trainer.action_space) for m in mean]))
+    finally:
+        trainer.stop()
+        ray.shutdown()
+        unregister_task("wide")
+        sys.modules.pop("wide_task", None)
+
+
 @pytest.mark.slow
 def test_one_smoke_lap_on_a_runtime_task(slider, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slider), str(ROOT)]), "JAX_PLATFORMS": "cpu"}
