@@ -263,6 +263,7 @@ def test_lanes_in_flight_when_the_server_dies_continue_in_new_sessions(tmp_path,
         env.reset(seed=0)
         for _ in range(5):
             last = env.step(np.concatenate([random_actions(rng), random_actions(rng)]))[0]
+        os.kill(first.pid, signal.SIGSTOP)                # frozen: neither step can be answered before it dies
         for lane in env.lanes:                           # both lanes' steps on the wire when the server dies
             lane.step_async(random_actions(rng))
         os.kill(first.pid, signal.SIGKILL)
