@@ -151,6 +151,40 @@ def test_constraints_flag_joint_limit_and_penetration_and_not_engine_states():
         assert cs.penetration.max() < 0.01 and cs.joint_limit_excess.max() < 0.05 and not cs.nonfinite.any(), task
 
 
+def test_collision_is_skipped_only_where_the_filter_admits_no_pair():
+    """``can_touch`` False means MuJoCo's collision never makes a contact: checked against ``mj_collision`` itself."""
+    from simulators.physics.base import can_touch, constraint_violations
+
+    rng = np.random.default_rng(5)
+    for task in simulators.TASKS:
+        e = built("mujoco", task)
+        assert e.can_touch == bool(contact_pairs(e.model)) == can_touch(e.model), task
+        states = np.concatenate([rollout(e, 0, actions_for(e.spec, 50, seed=3)).reshape(-1, e.spec.state_size),
+                                 rng.uniform(-4, 4, (200, e.spec.state_size))])
+        fast = e.vector_constraints(states)
+        full = constraint_violations(e.model, states, e.spec.joint_limits, touching=True)
+        np.testing.assert_array_equal(fast.penetration, full.penetration, err_msg=task)
+        np.testing.assert_array_equal(fast.joint_limit_excess, full.joint_limit_excess, err_msg=task)
+    assert built("mujoco", "lift").can_touch and not built("mujoco", "pendulum").can_touch
+
+    def model(a: str, b: str) -> mujoco.MjModel:
+        return mujoco.MjModel.from_xml_string(f"""<mujoco><worldbody><geom type="plane" size="1 1 .1" {a}/>
+            <body><joint type="slide" axis="0 0 1"/><geom size=".1" {b}/></body></worldbody></mujoco>""")
+
+    off = 'contype="0" conaffinity="0"'
+    assert can_touch(model("", ""))                                                   # MuJoCo's defaults collide
+    assert can_touch(model('contype="1" conaffinity="0"', 'contype="0" conaffinity="1"'))  # one direction is enough
+    assert not can_touch(model('contype="2" conaffinity="2"', 'contype="1" conaffinity="1"'))
+    assert not can_touch(model(off, off))
+    with_pair = mujoco.MjModel.from_xml_string(f"""<mujoco><worldbody><geom name="floor" type="plane" size="1 1 .1" {off}/>
+        <body><joint type="slide" axis="0 0 1"/><geom name="ball" size=".1" {off}/></body></worldbody>
+        <contact><pair geom1="floor" geom2="ball"/></contact></mujoco>""")
+    assert can_touch(with_pair)
+    sunk = np.array([[-0.05, 0.0]])                                                   # the ball 15 cm into the floor
+    assert constraint_violations(with_pair, sunk, np.full((1, 2), [-np.inf, np.inf])).penetration[0] > 0.1
+    assert constraint_violations(model(off, off), sunk, np.full((1, 2), [-np.inf, np.inf])).penetration[0] == 0.0
+
+
 def test_brax_refuses_a_task_with_contacts_and_names_the_engines_that_can():
     with pytest.raises(UnsupportedTask, match=r"brax cannot reproduce mj_step on task 'lift': it has contacts "
                                               r"\(.*ball.*\).*engines that can: mjx, mujoco"):

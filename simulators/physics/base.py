@@ -138,6 +138,7 @@ class EngineBase:
             observation_size=task.observation_size, state_names=state_names(m),
         )
         self._pool: ThreadPoolExecutor | None = None
+        self.can_touch = can_touch(self.model)
 
     # -- actions -------------------------------------------------------------------------------
     def check_actions(self, actions: np.ndarray, n: int) -> np.ndarray:
@@ -175,7 +176,8 @@ class EngineBase:
 
     def vector_constraints(self, states: np.ndarray) -> Constraints:
         """``constraints`` of state vectors ``[B, S]``, without making a backend state of them."""
-        return constraint_violations(self.model, self.check_vectors(states), self.spec.joint_limits, self._threads())
+        return constraint_violations(self.model, self.check_vectors(states), self.spec.joint_limits, self._threads(),
+                                     touching=self.can_touch)
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -209,16 +211,37 @@ def _num_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def can_touch(model: mujoco.MjModel) -> bool:
+    """Whether MuJoCo's collision filter admits any geom pair of ``model``, in any pose.
+
+    No explicit ``<pair>`` and no two geoms of different bodies whose ``contype``/``conaffinity``
+    bits meet: then ``mj_collision`` never makes a contact and every penetration is 0. Only the
+    filter's first tests are applied (not the parent, weld or exclude rules, which can only remove
+    pairs), so ``True`` may be a pair that never touches, ``False`` never hides one.
+    """
+    if model.npair:
+        return True
+    ct, ca, body = model.geom_contype, model.geom_conaffinity, model.geom_bodyid
+    meet = ((ct[:, None] & ca[None, :]) | (ca[:, None] & ct[None, :])) != 0
+    return bool((meet & (body[:, None] != body[None, :])).any())
+
+
 def constraint_violations(model: mujoco.MjModel, states: np.ndarray, joint_limits: np.ndarray,
-                          pool: ThreadPoolExecutor | None = None) -> Constraints:
-    """Penetration depth (MuJoCo collision), joint-limit excess and non-finite flags of state vectors."""
+                          pool: ThreadPoolExecutor | None = None, touching: bool | None = None) -> Constraints:
+    """Penetration depth (MuJoCo collision), joint-limit excess and non-finite flags of state vectors.
+
+    ``touching``: ``can_touch(model)`` if the caller keeps it; where it is ``False`` no state is
+    collided (every penetration is 0 there, as MuJoCo's collision would find).
+    """
     s = np.asarray(states, dtype=np.float64)
     nonfinite = ~np.isfinite(s).all(axis=1)
     q = np.where(np.isfinite(s[:, : model.nq]), s[:, : model.nq], 0.0)
     excess = np.maximum(joint_limits[:, 0] - q, q - joint_limits[:, 1])
     excess = np.clip(np.where(np.isfinite(excess), excess, 0.0), 0.0, None).max(axis=1, initial=0.0)
     penetration = np.zeros(len(s))
-    if model.ngeom > 1 and len(s):
+    if touching is None:
+        touching = can_touch(model)
+    if touching and len(s):
         chunks = np.array_split(np.arange(len(s)), max(1, min(len(s), _num_threads())))
 
         def run(idx: np.ndarray) -> None:
