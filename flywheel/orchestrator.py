@@ -115,6 +115,7 @@ class Orchestrator:
         self.tracker = Tracker.open(self.cfg, self.run_dir, run_name=self.run_name, parent_run_id=self.parent_run_id)
         self.banner("start")
         try:
+            self.store.verify()                           # a resumed run's shards, before any stage relies on them
             self.parts.start(self.cfg)
             with stop_on_signals():                       # installed after Ray's own handler, replacing it
                 for lap in range(self.cfg.laps):

@@ -12,10 +12,14 @@ Layout under ``<run_dir>/store``::
 Writes go shard first, manifest second, both atomic (temp file, fsync, ``os.replace``). A reader
 trusts only the manifest, so a crash between the two leaves an orphan file that is never read and
 is overwritten when the stage runs again; a (lap, kind) entry is replaced, never duplicated.
+The manifest holds each shard's sha256: a shard that changed after its lap wrote it (a flipped byte,
+a truncation, another run's file copied over it) is refused when read, and ``verify`` checks every
+shard before a run starts its first stage, so a resumed run does not find out a lap later.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -43,6 +47,7 @@ class ShardEntry:
     successes: int
     metrics: dict = field(default_factory=dict)
     created: float = 0.0
+    sha256: str = ""                # of the shard file; "" in manifests written before digests were kept
 
 
 class TrajectoryStore:
@@ -79,7 +84,8 @@ class TrajectoryStore:
         entry = ShardEntry(lap=lap, kind=kind, source="reality" if KINDS[kind] == SOURCE_REALITY else "sim", path=rel,
                            transitions=len(dataset), episodes=len(np.unique(dataset.episode_ids)),
                            successes=int((dataset.success.astype(bool) & ends).sum()),
-                           metrics={k: float(v) for k, v in (metrics or {}).items()}, created=time.time())
+                           metrics={k: float(v) for k, v in (metrics or {}).items()}, created=time.time(),
+                           sha256=file_sha256(self.root / rel))
         rows = [r for r in self.entries() if not (r.lap == lap and r.kind == kind)]
         self._write_manifest([*rows, entry])
         return entry
@@ -87,8 +93,31 @@ class TrajectoryStore:
     def load(self, lap: int | None = None, kind: str | None = None, upto: int | None = None) -> TransitionDataset | None:
         """Concatenate the manifest's shards matching ``lap``/``kind`` (and ``lap <= upto``); None if there are none."""
         rows = [r for r in self.entries(lap, kind) if upto is None or r.lap <= upto]
+        for r in rows:
+            problem = self._problem(r)
+            if problem:
+                raise ValueError(f"trajectory store {self.root}: {problem}")
         parts = [TransitionDataset.load(self.root / r.path) for r in rows]
         return TransitionDataset.concat(parts) if parts else None
+
+    def verify(self) -> None:
+        """Check every shard the manifest vouches for: present, and the bytes its lap wrote (sha256).
+
+        Raises ``ValueError`` naming each bad shard, its lap and kind, and what is wrong with it.
+        """
+        problems = [p for p in map(self._problem, self.entries()) if p]
+        if problems:
+            raise ValueError(f"trajectory store {self.root}: {len(problems)} shard(s) are not what their lap wrote: "
+                             + "; ".join(problems))
+
+    def _problem(self, r: ShardEntry) -> str:
+        path = self.root / r.path
+        where = f"{r.path} (lap {r.lap}, {r.kind})"
+        if not path.is_file():
+            return f"{where} is missing"
+        if r.sha256 and file_sha256(path) != r.sha256:
+            return f"{where} has changed since it was written (its sha256 differs from the manifest's)"
+        return ""
 
     def training_data(self, upto: int) -> TransitionDataset:
         """Seed data, every selected trajectory, per-lap reality batch and guard replay of laps ``<= upto``."""
@@ -121,3 +150,11 @@ class TrajectoryStore:
         rows = self.entries()
         return {"shards": len(rows), "transitions": sum(r.transitions for r in rows),
                 "selected_episodes": sum(r.episodes for r in rows if r.kind == "selected")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

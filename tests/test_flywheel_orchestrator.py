@@ -165,6 +165,25 @@ def test_failed_stage_marks_run_failed_with_its_error_and_resume_finishes_it_onc
     assert arts == {"checkpoints/lap_002/wm_lap002.pt", "checkpoints/lap_002/policy_lap002.pt"}
 
 
+def test_resume_refuses_a_changed_shard_before_any_stage_runs(tmp_path, fakes):
+    fakes["fail_at"] = 1
+    orch = make(tmp_path, fakes)
+    with pytest.raises(Exception, match="lap 1 evaluate failed"):
+        orch.run()
+    fakes["fail_at"] = None
+    seed = tmp_path / "run" / "store" / "lap_000" / "seed.npz"
+    data = bytearray(seed.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    seed.write_bytes(bytes(data))
+    before = dict(fakes)
+    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+    with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) has changed since it was written"):
+        resumed.run()
+    assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]   # nothing ran
+    state, tags = status(resumed)
+    assert state == "FAILED" and "lap_000/seed.npz (lap 0, seed) has changed" in tags["flywheel.error"]
+
+
 def test_sigterm_mid_lap_ends_the_run_killed_and_resume_redoes_only_that_stage(tmp_path, fakes):
     fakes["signal_at"] = 1
     orch = make(tmp_path, fakes)

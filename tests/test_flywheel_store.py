@@ -84,3 +84,42 @@ def test_selection_only_counts_closed_windows_and_caps():
     assert stats["selected_episodes"] == 3 and stats["rejected/over_cap"] == 1
     assert stats["mean_imagination_accuracy"] == pytest.approx(0.9)
     assert select_episodes(None, SelectionSection(), 5) == (None, select_episodes(None, SelectionSection(), 5)[1])
+
+
+def test_a_shard_changed_after_its_lap_is_refused_naming_it(tmp_path):
+    store = TrajectoryStore(tmp_path)
+    store.add(0, "seed", episodes(3, 10, True, lap=0))
+    store.add(1, "selected", episodes(2, 10, True, first_id=100))
+    store.verify()                                                     # untouched: nothing to say
+    seed = tmp_path / "lap_000" / "seed.npz"
+    good = seed.read_bytes()
+
+    # another run's valid shard copied over it: np.load would read it without complaint
+    episodes(3, 10, False, lap=0).save(seed)
+    with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) has changed since it was written"):
+        store.verify()
+    with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) has changed"):
+        store.training_data(1)
+    assert len(store.load(kind="selected")) == 20                      # the other shard still reads
+
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0xFF
+    seed.write_bytes(bytes(flipped))
+    (tmp_path / "lap_001" / "selected.npz").unlink()
+    with pytest.raises(ValueError, match=r"2 shard\(s\).*lap_000/seed.npz \(lap 0, seed\) has changed.*"
+                                         r"lap_001/selected.npz \(lap 1, selected\) is missing"):
+        store.verify()
+    seed.write_bytes(good)
+    assert len(store.load(kind="seed")) == 30
+
+
+def test_a_manifest_without_digests_still_reads(tmp_path):
+    import json
+
+    store = TrajectoryStore(tmp_path)
+    store.add(0, "seed", episodes(3, 10, True, lap=0))
+    manifest = json.loads(store.manifest_path.read_text())
+    assert len(manifest["shards"][0].pop("sha256")) == 64
+    store.manifest_path.write_text(json.dumps(manifest))              # as a store written before digests were kept
+    store.verify()
+    assert len(store.training_data(0)) == 30 and store.entries()[0].sha256 == ""
