@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,9 +116,16 @@ class TrajectoryStore:
         where = f"{r.path} (lap {r.lap}, {r.kind})"
         if not path.is_file():
             return f"{where} is missing"
-        if r.sha256 and file_sha256(path) != r.sha256:
-            return f"{where} has changed since it was written (its sha256 differs from the manifest's)"
-        return ""
+        if r.sha256:
+            if file_sha256(path) != r.sha256:
+                return f"{where} has changed since it was written (its sha256 differs from the manifest's)"
+            return ""
+        try:                                            # no digest kept: the zip's own CRCs at least
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{where} cannot be read: {exc}"
+        return f"{where} is corrupt (CRC error in {bad})" if bad else ""
 
     def training_data(self, upto: int) -> TransitionDataset:
         """Seed data, every selected trajectory, per-lap reality batch and guard replay of laps ``<= upto``."""

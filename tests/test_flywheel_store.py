@@ -1,5 +1,7 @@
 """Trajectory store (atomic shards + manifest) and trajectory selection."""
 
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,16 @@ def test_a_manifest_without_digests_still_reads(tmp_path):
     store.manifest_path.write_text(json.dumps(manifest))              # as a store written before digests were kept
     store.verify()
     assert len(store.training_data(0)) == 30 and store.entries()[0].sha256 == ""
+    seed = tmp_path / "lap_000" / "seed.npz"
+    data = bytearray(seed.read_bytes())
+    with zipfile.ZipFile(seed) as z:                                   # the last byte of the states' array
+        member = z.getinfo("states.npy")
+    at = member.header_offset                                          # its local header: 30 bytes, name, extra
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")
+    data[start + member.compress_size - 1] ^= 0xFF
+    seed.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) is corrupt \(CRC error in states\.npy\)"):
+        store.verify()
+    seed.write_bytes(bytes(data[:100]))
+    with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) cannot be read"):
+        store.verify()
