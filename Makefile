@@ -22,6 +22,8 @@ ifeq ($(GPU),)
 else
 	$(BIN)/pip install --quiet 'torch==2.13.0+cu130' --index-url $(TORCH_CUDA_INDEX)
 	$(BIN)/pip install --quiet -e '.[dev,gpu]'
+	$(BIN)/python -c "import torch, importlib.metadata as m; plugins = {d.name for d in m.distributions()} & {'jax-cuda13-plugin'}; \
+		assert torch.version.cuda and plugins, f'GPU=1 gave torch {torch.__version__} (CUDA {torch.version.cuda}), jax CUDA plugin: {plugins or None}'"
 endif
 	touch $(STAMP)
 
