@@ -5,6 +5,7 @@ Used by both sides of the wire; imports only numpy and the generated messages.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -19,6 +20,7 @@ class CodecError(ValueError):
 
 
 _NAMES = {np.dtype(n): n for n in DTYPES}   # native dtypes: a dict lookup instead of building a name per call
+_WIRE = {n: (np.dtype(n).newbyteorder("<"), np.dtype(n)) for n in DTYPES}   # name -> (little-endian, native) dtype
 _NATIVE_LITTLE = sys.byteorder == "little"
 
 
@@ -36,17 +38,19 @@ def encode(array: np.ndarray, dtype: str | None = None) -> pb.Tensor:
 
 def decode(msg: pb.Tensor, name: str = "tensor") -> np.ndarray:
     """Decode a ``Tensor`` to a (read-only view of a) numpy array; malformed input raises ``CodecError``."""
-    if msg.dtype not in DTYPES:
+    wire = _WIRE.get(msg.dtype)
+    if wire is None:
         raise CodecError(f"{name}: dtype {msg.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
-    dtype = np.dtype(msg.dtype).newbyteorder("<")
-    shape = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in shape):
+    dtype, native = wire
+    shape = tuple(msg.shape)
+    if min(shape, default=0) < 0:
         raise CodecError(f"{name}: negative dimension in shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(msg.data) != count * dtype.itemsize:
-        raise CodecError(f"{name}: {len(msg.data)} bytes do not hold shape {shape} of {msg.dtype} "
+    count = math.prod(shape)                     # exact: a huge claimed shape cannot wrap around to match the bytes
+    data = msg.data
+    if len(data) != count * dtype.itemsize:
+        raise CodecError(f"{name}: {len(data)} bytes do not hold shape {shape} of {msg.dtype} "
                          f"({count * dtype.itemsize} bytes expected)")
-    return np.frombuffer(msg.data, dtype=dtype, count=count).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape).astype(native, copy=False)
 
 
 def decode_float(msg: pb.Tensor, name: str, shape: tuple[int | None, ...], finite: bool = True) -> np.ndarray:

@@ -53,6 +53,11 @@ def test_malformed_tensors_raise_with_reason():
         decode(pb.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8))
     with pytest.raises(CodecError, match="cannot encode dtype"):
         encode(np.zeros(2, np.complex64))
+    with pytest.raises(CodecError, match="negative dimension"):
+        decode(pb.Tensor(dtype="float32", shape=[-2, -2], data=b"\0" * 16))
+    # 2**32 x 2**32 wraps to 0 in 64-bit arithmetic: an empty payload must not pass as that shape
+    with pytest.raises(CodecError, match=r"0 bytes do not hold shape \(4294967296, 4294967296\)"):
+        decode(pb.Tensor(dtype="uint8", shape=[2**32, 2**32], data=b""))
 
 
 def test_decode_float_checks_dtype_shape_and_finiteness():
