@@ -63,7 +63,11 @@ class TrajectoryStore:
     def entries(self, lap: int | None = None, kind: str | None = None) -> list[ShardEntry]:
         if not self.manifest_path.exists():
             return []
-        rows = [ShardEntry(**r) for r in json.loads(self.manifest_path.read_text())["shards"]]
+        try:
+            rows = [ShardEntry(**r) for r in json.loads(self.manifest_path.read_text())["shards"]]
+        except (ValueError, KeyError, TypeError) as exc:   # not JSON, no "shards", rows of another layout
+            raise ValueError(f"trajectory store manifest {self.manifest_path} cannot be read "
+                             f"({type(exc).__name__}: {exc}); it was not written by this store") from exc
         return [r for r in rows if (lap is None or r.lap == lap) and (kind is None or r.kind == kind)]
 
     def _write_manifest(self, rows: list[ShardEntry]) -> None:

@@ -138,3 +138,13 @@ def test_a_manifest_without_digests_still_reads(tmp_path):
     seed.write_bytes(bytes(data[:100]))
     with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) cannot be read"):
         store.verify()
+
+
+@pytest.mark.parametrize("text", ['{"version": 1, "shards": [{"lap": 0', '{"version": 1}',
+                                  '{"version": 1, "shards": [{"lap": 0, "colour": "red"}]}'])
+def test_a_manifest_that_cannot_be_read_is_named(tmp_path, text):
+    store = TrajectoryStore(tmp_path)
+    store.add(0, "seed", episodes(3, 10, True, lap=0))
+    store.manifest_path.write_text(text)
+    with pytest.raises(ValueError, match=r"trajectory store manifest .*manifest.json cannot be read"):
+        store.verify()
