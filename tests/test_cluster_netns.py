@@ -1,0 +1,72 @@
+"""Two smoke laps on a Ray cluster of three separate hosts: head and two workers, each in its own network
+namespace with its own IP (``tests/netns_cluster.py``), one stand-in GPU and one CPU per worker.
+
+``test_cluster_multinode.py`` runs its nodes on one network stack, where an address any node reports
+reaches every node; here an address that only works on its own host fails as it would between machines.
+One simulator server (``service.placement=spread``) serves two runners, one per worker host, so one
+runner's steps cross from one host to the other. The run is the ``flywheel run`` command a user types on
+the head node; where things ran is read from Ray's own tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from netns_cluster import NetnsCluster, available
+from test_cluster_multinode import REQUIRED
+
+from flywheel.tracking import Tracker
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(available()), reason=available() or "n/a")]
+
+
+def test_two_smoke_laps_across_three_hosts(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("netns-cluster-token\n")
+    token.chmod(0o600)
+    run_dir = tmp_path / "run"
+    with NetnsCluster(tmp_path, workers=2, worker_resources={"num_gpus": 1}) as c:
+        head_ip, worker_ips = c.ips[0], set(c.ips[1:])
+        done = c.run([sys.executable, "-m", "flywheel", "run", "preset=smoke", "laps=2", "engine.name=mujoco",
+                      "reality.engine=mujoco", f"ray.address={c.address}", "service.placement=spread",
+                      "self_play.num_servers=1",
+                      "service.num_gpus=1", f"service.token_file={token}", "world_model.num_gpus=1",
+                      "ppo.num_env_runners=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                      f"run_dir={run_dir}"], timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        state = c.ray_state()
+
+    ip_of = {n["node_id"]: n["ip"] for n in state["nodes"]}
+    assert set(ip_of.values()) == {head_ip, *worker_ips}
+    assert [j["driver_ip"] for j in state["jobs"]][0] == head_ip          # the run's driver: the head's host
+
+    # all metrics in MLflow, one value per lap
+    tracker = Tracker.attach(run_dir)
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+    for key in REQUIRED:
+        assert sorted(s for s, _ in tracker.metric_history(key)) == [0, 1], key
+
+    # one server per lap on a worker host, reached at that host's own address; a runner on each worker host,
+    # so one of them steps the server on the other host
+    servers = {a["pid"]: ip_of[a["node_id"]] for a in state["actors"] if a["class"] == "SimulatorServerActor"}
+    runners = {a["pid"]: ip_of[a["node_id"]] for a in state["actors"] if a["class"] == "FlywheelEnvRunner"}
+    assert len(servers) == 2 and set(servers.values()) <= worker_ips
+    for lap in (0, 1):
+        record = json.loads((run_dir / "laps" / f"lap_{lap:03d}" / "placement.json").read_text())
+        (server,) = record["servers"]
+        server_ip = server["address"].rsplit(":", 1)[0]
+        assert server_ip == servers[server["pid"]] and server_ip in worker_ips          # its host's own IP
+        assert len(record["runners"]) == 2 and {runners[r["pid"]] for r in record["runners"]} == worker_ips
+        assert {r["address"] for r in record["runners"]} == {server["address"]}          # across hosts too
+        assert sorted(r["local"] for r in record["runners"]) == [False, True]
+        shards = list((run_dir / "store" / f"lap_{lap:03d}" / "raw").glob("*.npz"))
+        assert shards                                                                  # its recordings came back
+        sessions = json.loads((run_dir / "laps" / f"lap_{lap:03d}" / "metrics.json").read_text())
+        assert sessions["metrics"]["self_play/env_steps"] >= 2048, sessions["metrics"]
+    assert done.stdout.count("copied into the store from 1 server(s) on other nodes") == 2
+
+    # every world-model fit (seed and two retrains) ran on a worker host, where the stand-in GPUs are
+    fits = state["tasks"].get("fit_world_model", [])
+    assert len(fits) >= 3 and {ip_of[n] for n in fits} <= worker_ips
