@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,6 +56,7 @@ class NetnsCluster:
 
     # -- the hosts -----------------------------------------------------------------------------
     def __enter__(self) -> NetnsCluster:
+        remove_stale()
         try:
             self._ip("link", "add", self.bridge, "type", "bridge")
             self._made.append("bridge")
@@ -81,33 +83,8 @@ class NetnsCluster:
 
     def __exit__(self, *exc) -> None:
         """Stop every process in the namespaces (``ray stop`` would stop every Ray on the machine), remove them."""
-        for ns in self.names:
-            if ns in self._made:
-                self._kill(ns)
-        for ns in self.names:
-            if ns in self._made:
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        if "bridge" in self._made:
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        _remove([ns for ns in self.names if ns in self._made], self.bridge if "bridge" in self._made else None)
         self._made.clear()
-
-    def _kill(self, ns: str) -> None:
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            for pid in self._pids(ns):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while self._pids(ns) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not self._pids(ns):
-                return
-
-    @staticmethod
-    def _pids(ns: str) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
 
     @staticmethod
     def _ip(*args: str) -> None:
@@ -146,6 +123,41 @@ class NetnsCluster:
         if done.returncode:
             raise RuntimeError(f"reading Ray's state failed: {done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def remove_stale() -> None:
+    """Remove the hosts of a cluster whose test process died without removing them (killed, timed out)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    stale: dict[str, list[str]] = {}
+    for name in re.findall(r"^(fw\d+n\d+)", out, flags=re.M):
+        tag = re.match(r"fw(\d+)n", name).group(1)
+        if not any(int(p) % 100000 == int(tag) for p in os.listdir("/proc") if p.isdigit()):
+            stale.setdefault(tag, []).append(name)
+    for tag, names in stale.items():
+        _remove(names, f"fwb{tag}")
+
+
+def _remove(names: list[str], bridge: str | None) -> None:
+    for ns in names:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for pid in _pids(ns):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while _pids(ns) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not _pids(ns):
+                break
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    if bridge:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def _pids(ns: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
 
 
 def _print_state(address: str) -> None:
