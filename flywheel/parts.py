@@ -71,10 +71,16 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
                          "shards": sum(r["shards"] for r in reports),
                          "collected": sum(r.get("collected", 0) for r in reports),
                          "server_restarts": sum(max(0, r["incarnation"]) for r in reports),
-                         "stop_errors": [r["stop_error"] for r in reports if r.get("stop_error")]}
+                         "servers_lost": [{"address": a, "error": r["stop_error"].strip().splitlines()[0][:300]}
+                                          for a, r in zip(addresses, reports) if r.get("stop_error")]}
+        for lost in served.report["servers_lost"]:       # its node died: what it had not written is gone
+            ctx.say(f"serve: server {lost['address']} was lost before it could stop ({lost['error']}); "
+                    "transitions it had not written are not in the store")
         if any(collect):
+            remote = [a for a, c in zip(addresses, collect) if c]
+            gone = {lost["address"] for lost in served.report["servers_lost"]}
             ctx.say(f"serve: {served.report['collected']} shard(s) copied into the store from "
-                    f"{sum(1 for c in collect if c)} server(s) on other nodes")
+                    f"{sum(1 for a in remote if a not in gone)} of {len(remote)} server(s) on other nodes")
     finally:
         if not stopped:
             with contextlib.suppress(Exception):        # the body's error is the one to report

@@ -72,6 +72,7 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
             "self_play/runner_restarts": float(last.get("runner_restarts", 0)),
             **{k: float(last[k]) for k in last if k.startswith("planner/")},     # the planner's own figures
             "self_play/server_restarts": float(report.get("server_restarts", 0)),
+            "self_play/servers_lost": float(len(report.get("servers_lost", []))),
             "data/served_transitions": float(report.get("served", 0)),
             "data/stored_transitions": float(stored),
             "time/serve": (t1 - t0) + (time.time() - t2), "time/self_play": t2 - t1}

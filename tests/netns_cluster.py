@@ -110,6 +110,16 @@ class NetnsCluster:
                 raise RuntimeError(f"{len(nodes)} of {len(self.names)} Ray nodes came up: {nodes}")
             time.sleep(1.0)
 
+    def kill_host(self, i: int) -> int:
+        """SIGKILL every process on host ``i`` (a machine that lost power); returns how many there were."""
+        pids = _pids(self.names[i])
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
+
     # -- running on a host ---------------------------------------------------------------------
     def run(self, argv: list[str], host: int = 0, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
         """Run ``argv`` on host ``host`` (0: the head) with the cluster's Ray token, from the project root."""

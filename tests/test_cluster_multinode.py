@@ -114,7 +114,7 @@ def test_two_smoke_laps_on_three_nodes(ray_cluster, token_file, tmp_path):
         shards = sorted((run_dir / "store" / f"lap_{lap:03d}" / "raw").glob("*.npz"))
         assert len({p.name.rsplit("-", 1)[0] for p in shards}) >= 2                   # sessions of both servers
     copied = [x for x in lines if "copied into the store" in x]
-    assert len(copied) == 2 and all("from 2 server(s) on other nodes" in x for x in copied)
+    assert len(copied) == 2 and all("from 2 of 2 server(s) on other nodes" in x for x in copied)
 
     # every world-model fit (seed + two retrains) ran as a Ray task on a node with the stand-in GPU
     fits = _task_nodes("fit_world_model", want=3)

@@ -11,10 +11,11 @@ the head node; where things ran is read from Ray's own tables.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
-from netns_cluster import NetnsCluster, available
+from netns_cluster import ROOT, NetnsCluster, available
 from test_cluster_multinode import REQUIRED
 
 from flywheel.tracking import Tracker
@@ -65,8 +66,49 @@ def test_two_smoke_laps_across_three_hosts(tmp_path):
         assert shards                                                                  # its recordings came back
         sessions = json.loads((run_dir / "laps" / f"lap_{lap:03d}" / "metrics.json").read_text())
         assert sessions["metrics"]["self_play/env_steps"] >= 2048, sessions["metrics"]
-    assert done.stdout.count("copied into the store from 1 server(s) on other nodes") == 2
+    assert done.stdout.count("copied into the store from 1 of 1 server(s) on other nodes") == 2
 
     # every world-model fit (seed and two retrains) ran on a worker host, where the stand-in GPUs are
     fits = state["tasks"].get("fit_world_model", [])
     assert len(fits) >= 3 and {ip_of[n] for n in fits} <= worker_ips
+
+
+def test_a_worker_host_that_dies_mid_lap_loses_its_server_and_the_lap_goes_on(tmp_path):
+    """Host 2 loses power during lap 1's self-play (every process on it SIGKILLed): its server and its runner
+    (a runner takes a whole host's two CPUs, so there is one on each) die; the runner on host 1 samples the rest
+    of the lap's budget from host 1's server; the lap says which server was lost and counts it in MLflow."""
+    token = tmp_path / "token"
+    token.write_text("netns-cluster-token\n")
+    token.chmod(0o600)
+    run_dir = tmp_path / "run"
+    with NetnsCluster(tmp_path, workers=2, worker_resources={"num_gpus": 1, "num_cpus": 2}) as c:
+        argv = ["ip", "netns", "exec", c.names[0], sys.executable, "-m", "flywheel", "run", "preset=smoke", "laps=2",
+                "engine.name=mujoco", "reality.engine=mujoco", f"ray.address={c.address}", "service.placement=per_node",
+                "service.num_gpus=1", f"service.token_file={token}", "world_model.num_gpus=1", "ppo.num_env_runners=2",
+                "ppo.num_cpus_per_runner=2", "self_play.iterations=4", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"run_dir={run_dir}"]
+        proc = subprocess.Popen(argv, cwd=ROOT, env=c.env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        lines, killed = [], 0
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if not killed and "lap 1 | self_play: iteration 1," in line:
+                killed = c.kill_host(2)
+        assert proc.wait(timeout=900) == 0, "\n".join(lines[-60:])
+        assert killed > 0, "\n".join(lines[-60:])
+        state = c.ray_state()
+
+    dead = [n for n in state["nodes"] if not n["alive"]]
+    assert [n["ip"] for n in dead] == [c.ips[2]]                                      # Ray saw the host die
+    lost = [x for x in lines if "was lost before it could stop" in x]
+    assert len(lost) == 1 and lost[0].startswith("  lap 1 | serve: server " + c.ips[2] + ":"), lines[-40:]
+    assert any("lap 1 | serve:" in x and "from 1 of 2 server(s) on other nodes" in x for x in lines)
+    tracker = Tracker.attach(run_dir)
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [v for _, v in sorted(tracker.metric_history("self_play/servers_lost"))] == [0.0, 1.0]
+    assert [v for _, v in sorted(tracker.metric_history("self_play/env_steps"))] == [8192.0, 8192.0]
+    assert dict(tracker.metric_history("data/stored_transitions"))[1] > 0              # the surviving server's
+    placement = json.loads((run_dir / "laps" / "lap_001" / "placement.json").read_text())
+    assert sorted(r["address"].rsplit(":", 1)[0] for r in placement["runners"]) == c.ips[1:]   # one died with it
+    for key in REQUIRED:
+        assert sorted(s for s, _ in tracker.metric_history(key)) == [0, 1], key
