@@ -41,6 +41,8 @@ from services.recorder import RecordingError
 
 STAGING_ROOT = "flywheel-staging"
 WM_FILE = "world_model.pt"
+OWNER_FILE = "owner"              # "<pid> <start time>" of the actor recording there (rewritten by a restart)
+ABANDONED_AFTER_S = 3600.0        # an ownerless staging directory untouched this long is removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ class SimulatorServerActor:
 def _stage(config: ServerConfig, directory: Path) -> ServerConfig:
     """``config`` recording into ``directory/raw`` and serving the world model staged there (``prepare``)."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / OWNER_FILE).write_text(_process_id(os.getpid()))
     changes: dict = {"trajectory_dir": str(directory / "raw") if config.trajectory_dir else None}
     if (directory / WM_FILE).is_file():
         changes["world_model_path"] = str(directory / WM_FILE)
@@ -161,8 +164,53 @@ def _pinned(node_id: str) -> Any:
     return NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else "DEFAULT"
 
 
+def _process_id(pid: int) -> str:
+    """``"<pid> <start time>"``: a process's identity that a later process reusing the pid does not share."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid} {start}"
+
+
+def _owner_alive(directory: Path) -> bool:
+    try:
+        pid, start = (directory / OWNER_FILE).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False                                    # never owned, or owned before owners were written
+    if start == "?":                                    # written where /proc is not: cannot tell, keep it
+        return True
+    return _process_id(pid) == f"{pid} {start}"
+
+
+def remove_abandoned_staging(root: Path | None = None, after_s: float = ABANDONED_AFTER_S) -> list[str]:
+    """Remove this node's staging directories whose server is gone and that nothing touched for ``after_s``.
+
+    What a killed run (its driver gone, so its actors too) left on a node's disk: the world model and the
+    recordings no lap will collect. A directory whose owner lives, or that changed recently (being staged,
+    or its actor restarting), stays. Returns the names removed.
+    """
+    import time
+
+    root = Path(tempfile.gettempdir()) / STAGING_ROOT if root is None else Path(root)
+    removed = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            touched = max(p.stat().st_mtime for p in (d, d / "raw", d / OWNER_FILE) if p.exists())
+        except OSError:
+            continue
+        if d.is_dir() and time.time() - touched > after_s and not _owner_alive(d):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
 def prepare(host: str, staging: str = "", world_model: bytes | None = None) -> int:
-    """On an actor's node before it starts: stage its world model (``staging``), and return a free port for ``host``."""
+    """On an actor's node before it starts: remove staging a dead run left, stage its world model
+    (``staging``), and return a free port for ``host``."""
+    if staging:
+        remove_abandoned_staging()
     if staging and world_model is not None:
         from simulators.dataset import atomic_write
 

@@ -5,6 +5,7 @@ through Ray on this machine's own Ray."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_a_staged_server_ships_its_recordings_and_serves_the_world_model_it_was_
 
     from policies.rllib_adapter import init_ray
     from services.client import SimulatorClient
-    from services.server_actor import Placement, staging_dir, start_server_actors, stop_server_actors
+    from services.server_actor import Placement, _owner_alive, staging_dir, start_server_actors, stop_server_actors
     from simulators.dataset import TransitionDataset
     from simulators.world_model import WorldModel, WorldModelConfig
 
@@ -147,6 +148,9 @@ def test_a_staged_server_ships_its_recordings_and_serves_the_world_model_it_was_
         for _ in range(5):
             session.step(np.ones((3, 1), np.float32))
     assert staging_dir(name).is_dir()
+    owner = (staging_dir(name) / "owner").read_text().split()
+    assert int(owner[0]) == ray.get(actors[0].pid.remote())                  # the actor recording there
+    assert _owner_alive(staging_dir(name))                                   # so no sweep removes it
     dest = tmp_path / "store" / "raw"
     reports = stop_server_actors(actors, collect=[dest])
     assert reports[0]["collected"] >= 1 and not staging_dir(name).exists()
@@ -159,7 +163,7 @@ def test_a_shard_that_cannot_be_copied_is_a_recording_error(tmp_path):
 
     from policies.rllib_adapter import init_ray
     from services.client import SimulatorClient
-    from services.server_actor import Placement, start_server_actors, stop_server_actors
+    from services.server_actor import Placement, staging_dir, start_server_actors, stop_server_actors
 
     init_ray(2)
     config = ServerConfig(task="pendulum", engine="mujoco", trajectory_dir="/nowhere/raw", flush_seconds=0.2)
@@ -173,6 +177,35 @@ def test_a_shard_that_cannot_be_copied_is_a_recording_error(tmp_path):
     blocked.write_text("a file where the directory should be")
     with pytest.raises(RecordingError, match=r"blocked/.*\.npz"):
         stop_server_actors(actors, collect=[blocked / "raw"])
+    shutil.rmtree(staging_dir(placement.staging))              # kept by the failed copy; not the machine's to keep
+
+
+def test_staging_that_a_dead_run_left_is_removed_and_a_live_or_recent_one_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from services.server_actor import OWNER_FILE, _process_id, remove_abandoned_staging
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_id = _process_id(gone.pid)
+    gone.wait()                                                # an actor of a run whose driver was killed
+    dirs = {"live": _process_id(os.getpid()), "dead": gone_id, "reused-pid": f"{os.getpid()} 1",
+            "never-owned": None, "dead-but-recent": gone_id}
+    old = time.time() - 7200
+    for name, owner in dirs.items():
+        (tmp_path / name / "raw").mkdir(parents=True)
+        (tmp_path / name / "raw" / "s-000.npz").write_bytes(b"shard")
+        if owner is not None:
+            (tmp_path / name / OWNER_FILE).write_text(owner)
+        if name != "dead-but-recent":
+            for p in (tmp_path / name / "raw", tmp_path / name / OWNER_FILE, tmp_path / name):
+                if p.exists():
+                    os.utime(p, (old, old))
+    assert remove_abandoned_staging(tmp_path, after_s=3600) == ["dead", "never-owned", "reused-pid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead-but-recent", "live"]
+    assert remove_abandoned_staging(tmp_path / "nothing-here") == []
 
 
 def test_a_restarted_staged_server_keeps_what_its_dead_incarnation_recorded(tmp_path):
