@@ -66,7 +66,13 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
         raise LapFailed(f"self-play sampled {steps} env steps but the servers stored none "
                         f"({report.get('served', 0)} served); the lap has no data to select from")
     last = history[-1]
+    runners = int(ctx.cfg.ppo.num_env_runners)
+    out_of_service = max(0, runners - int(last.get("healthy_runners", runners)))
+    if out_of_service:
+        ctx.say(f"self_play: {out_of_service} of {runners} runner(s) out of service at the end of the lap "
+                "(lost with their process or node; RLlib keeps restarting them, the others sampled the budget)")
     return {"self_play/env_steps": float(steps), "self_play/iterations": float(len(history)),
+            "self_play/runners_out_of_service": float(out_of_service),
             "self_play/episode_return_mean": float(last.get("episode_return_mean", np.nan)),
             "self_play/success_rate": float(last.get("success_rate", np.nan)),
             "self_play/runner_restarts": float(last.get("runner_restarts", 0)),

@@ -106,6 +106,9 @@ def test_a_worker_host_that_dies_mid_lap_loses_its_server_and_the_lap_goes_on(tm
     tracker = Tracker.attach(run_dir)
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
     assert [v for _, v in sorted(tracker.metric_history("self_play/servers_lost"))] == [0.0, 1.0]
+    # host 1's two CPUs hold its own runner, so Ray cannot bring the dead one back there before the lap ends
+    assert [v for _, v in sorted(tracker.metric_history("self_play/runners_out_of_service"))] == [0.0, 1.0]
+    assert any("lap 1 | self_play: 1 of 2 runner(s) out of service" in x for x in lines)
     assert [v for _, v in sorted(tracker.metric_history("self_play/env_steps"))] == [8192.0, 8192.0]
     assert dict(tracker.metric_history("data/stored_transitions"))[1] > 0              # the surviving server's
     placement = json.loads((run_dir / "laps" / "lap_001" / "placement.json").read_text())
