@@ -110,6 +110,22 @@ class NetnsCluster:
                 raise RuntimeError(f"{len(nodes)} of {len(self.names)} Ray nodes came up: {nodes}")
             time.sleep(1.0)
 
+    def start_mlflow(self, store: Path, port: int = 5000, timeout_s: float = 120.0) -> None:
+        """An MLflow tracking server on the head's host, as the cluster launcher starts one (``store``: its sqlite
+        file and artifacts); it stops with the head's host."""
+        venv = Path(sys.executable).parent
+        subprocess.Popen(["ip", "netns", "exec", self.names[0], str(venv / "mlflow"), "server", "--host", "0.0.0.0",
+                          "--port", str(port), "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+                          "--artifacts-destination", f"{store}/mlartifacts"], cwd=ROOT, env=self.env,
+                         stdout=open(store / "mlflow-server.log", "w"), stderr=subprocess.STDOUT)
+        probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=2)"
+        deadline = time.monotonic() + timeout_s
+        while self.run([sys.executable, "-c", probe], timeout=30).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no MLflow server on the head after {timeout_s:.0f} s: "
+                                   f"{(store / 'mlflow-server.log').read_text()[-2000:]}")
+            time.sleep(1.0)
+
     def kill_host(self, i: int) -> int:
         """SIGKILL every process on host ``i`` (a machine that lost power); returns how many there were."""
         pids = _pids(self.names[i])

@@ -74,21 +74,23 @@ def test_two_smoke_laps_across_three_hosts(tmp_path):
 
 
 def test_a_worker_host_that_dies_mid_lap_loses_its_server_and_the_lap_goes_on(tmp_path):
-    """Host 2 loses power during lap 1's self-play (every process on it SIGKILLed): its server and its runner
-    (a runner takes a whole host's two CPUs, so there is one on each) die; the runner on host 1 samples the rest
-    of the lap's budget from host 1's server; the lap says which server was lost and counts it in MLflow."""
+    """``flywheel run preset=cluster`` on the head's host, logging to an MLflow server there (as the cluster
+    launcher sets it up), budgets cut to a smoke run. Host 2 loses power during lap 1's self-play (every process
+    on it SIGKILLed): its server and its runner (a runner takes a whole host's two CPUs, so there is one on each)
+    die; the runner on host 1 samples the rest of the lap's budget from host 1's server; the lap says which
+    server and how many runners were lost and counts them in MLflow."""
     token = tmp_path / "token"
     token.write_text("netns-cluster-token\n")
     token.chmod(0o600)
     run_dir = tmp_path / "run"
     with NetnsCluster(tmp_path, workers=2, worker_resources={"num_gpus": 1, "num_cpus": 2}) as c:
-        argv = ["ip", "netns", "exec", c.names[0], sys.executable, "-m", "flywheel", "run", "preset=smoke", "laps=2",
-                "engine.name=mujoco", "reality.engine=mujoco", f"ray.address={c.address}", "service.placement=per_node",
-                "service.num_gpus=1", f"service.token_file={token}", "world_model.num_gpus=1", "ppo.num_env_runners=2",
-                "ppo.num_cpus_per_runner=2", "self_play.iterations=4", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                f"run_dir={run_dir}"]
-        proc = subprocess.Popen(argv, cwd=ROOT, env=c.env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        c.start_mlflow(tmp_path)
+        argv = ["ip", "netns", "exec", c.names[0], sys.executable, "-m", "flywheel", "run", "preset=cluster",
+                f"ray.address={c.address}", f"service.token_file={token}", "laps=2", "reality.seed_steps=800",
+                "reality.eval_episodes=8", "simulator.num_envs=8", "self_play.iterations=4", "ppo.num_env_runners=2",
+                "ppo.num_cpus_per_runner=2", "ppo.train_batch_size=2048", "ppo.minibatch_size=256",
+                "world_model.max_epochs=3", f"run_dir={run_dir}"]
+        proc = subprocess.Popen(argv, cwd=ROOT, env=c.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines, killed = [], 0
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
@@ -103,12 +105,14 @@ def test_a_worker_host_that_dies_mid_lap_loses_its_server_and_the_lap_goes_on(tm
     lost = [x for x in lines if "was lost before it could stop" in x]
     assert len(lost) == 1 and lost[0].startswith("  lap 1 | serve: server " + c.ips[2] + ":"), lines[-40:]
     assert any("lap 1 | serve:" in x and "from 1 of 2 server(s) on other nodes" in x for x in lines)
-    tracker = Tracker.attach(run_dir)
+    assert any("lap 1 | self_play: 1 of 2 runner(s) out of service" in x for x in lines)
+    info = json.loads((run_dir / "tracking.json").read_text())
+    assert info["uri"] == "http://127.0.0.1:5000"                                     # the head's MLflow server
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", info["experiment"], info["run_id"])   # its store, read here
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
     assert [v for _, v in sorted(tracker.metric_history("self_play/servers_lost"))] == [0.0, 1.0]
     # host 1's two CPUs hold its own runner, so Ray cannot bring the dead one back there before the lap ends
     assert [v for _, v in sorted(tracker.metric_history("self_play/runners_out_of_service"))] == [0.0, 1.0]
-    assert any("lap 1 | self_play: 1 of 2 runner(s) out of service" in x for x in lines)
     assert [v for _, v in sorted(tracker.metric_history("self_play/env_steps"))] == [8192.0, 8192.0]
     assert dict(tracker.metric_history("data/stored_transitions"))[1] > 0              # the surviving server's
     placement = json.loads((run_dir / "laps" / "lap_001" / "placement.json").read_text())
