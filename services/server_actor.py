@@ -26,6 +26,7 @@ counts only what it served itself; what the dead one wrote stays in the director
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -210,7 +211,10 @@ def prepare(host: str, staging: str = "", world_model: bytes | None = None) -> i
     """On an actor's node before it starts: remove staging a dead run left, stage its world model
     (``staging``), and return a free port for ``host``."""
     if staging:
-        remove_abandoned_staging()
+        try:
+            remove_abandoned_staging()
+        except OSError as exc:                          # housekeeping: never a reason not to serve
+            logging.getLogger(__name__).warning("could not remove abandoned staging directories: %s", exc)
     if staging and world_model is not None:
         from simulators.dataset import atomic_write
 
