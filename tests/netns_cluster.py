@@ -186,6 +186,22 @@ def _pids(ns: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def task_nodes() -> dict[str, tuple[str, str]]:
+    """Task id -> (name, node id) of every task Ray's task events place on a node (in a connected driver;
+    the events arrive asynchronously)."""
+    from ray._private import state as ray_state
+
+    names: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for event in ray_state.state._get_all_task_events():
+        tid = event.task_id.hex()
+        if event.task_info.name:
+            names[tid] = event.task_info.name
+        if event.state_updates.node_id:
+            where[tid] = event.state_updates.node_id.hex()
+    return {tid: (names.get(tid, "?"), node) for tid, node in where.items()}
+
+
 def _print_state(address: str) -> None:
     import ray
     from ray._private import state as ray_state
@@ -195,17 +211,9 @@ def _print_state(address: str) -> None:
               "resources": n.get("Resources", {})} for n in ray.nodes()]
     actors = [{"class": a["ActorClassName"], "node_id": a["Address"]["NodeID"], "ip": a["Address"]["IPAddress"],
                "pid": a["Pid"], "state": a["State"]} for a in ray_state.actors().values()]
-    names: dict[str, str] = {}
-    where: dict[str, str] = {}
-    for event in ray_state.state._get_all_task_events():
-        tid = event.task_id.hex()
-        if event.task_info.name:
-            names[tid] = event.task_info.name
-        if event.state_updates.node_id:
-            where[tid] = event.state_updates.node_id.hex()
     tasks: dict[str, list[str]] = {}
-    for tid, node in where.items():
-        tasks.setdefault(names.get(tid, "?"), []).append(node)
+    for name, node in task_nodes().values():
+        tasks.setdefault(name, []).append(node)
     jobs = [{"driver_ip": j["DriverIPAddress"], "is_dead": j["IsDead"]} for j in ray_state.jobs()]
     ray.shutdown()
     print(json.dumps({"nodes": nodes, "actors": actors, "tasks": tasks, "jobs": jobs}))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from netns_cluster import task_nodes
 from ray._private import state as ray_state
 from ray.cluster_utils import Cluster
 
@@ -66,15 +67,7 @@ def _task_nodes(name: str, want: int, wait_s: float = 60.0) -> dict[str, str]:
     """task id -> node id of every task called ``name`` in Ray's task events (they arrive asynchronously)."""
     deadline = time.monotonic() + wait_s
     while True:
-        nodes: dict[str, str] = {}
-        names: dict[str, str] = {}
-        for event in ray_state.state._get_all_task_events():
-            tid = event.task_id.hex()
-            if event.task_info.name:
-                names[tid] = event.task_info.name
-            if event.state_updates.node_id:
-                nodes[tid] = event.state_updates.node_id.hex()
-        found = {t: n for t, n in nodes.items() if names.get(t) == name}
+        found = {t: node for t, (n, node) in task_nodes().items() if n == name}
         if len(found) >= want or time.monotonic() > deadline:
             return found
         time.sleep(1.0)
