@@ -15,6 +15,7 @@ anything (run directory, tracking store, Ray) starts.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -121,8 +122,10 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--world-model", help="world-model checkpoint to serve (default: an untrained model)")
     p.add_argument("--trajectory-dir", help="record served trajectories here (default: record nothing)")
     args = p.parse_intermixed_args(argv)
-    overrides = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, key in flags.items()
-                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in flags.items()}
+    # a flag's value is a string as typed (YAML would read [::1] as a list); the port stays a number
+    overrides = [f"{key}={value if key == 'service.port' else json.dumps(value)}" for key, value in given.items()
+                 if value is not None]
     for item in args.param:
         if "=" not in item:
             p.error(f"--param expects NAME=VALUE, got {item!r}")
@@ -153,6 +156,8 @@ def _run(args) -> int:
     try:
         orch.run()
     except Exception as exc:
+        if not orch.failure_recorded:                   # failed before the run could record it (opening MLflow)
+            raise
         raise RuntimeError(f"{one_line(exc)} (traceback: {orch.run_dir / 'error.txt'}; mlflow run "
                            f"{orch.tracker.run_id if orch.tracker else '-'}, tag flywheel.error)") from exc
     return 0

@@ -20,6 +20,8 @@ stage. A stage that fails raises ``StageError`` naming the lap, the stage and th
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -40,8 +42,27 @@ class StageError(RuntimeError):
 
     def __init__(self, lap: int, stage: str, cause: BaseException):
         self.lap, self.stage, self.cause = lap, stage, cause
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        super().__init__(f"lap {lap} {stage} failed: {type(cause).__name__}" + (f": {text}" if text else ""))
+        super().__init__(f"lap {lap} {stage} failed: {describe(cause)}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``; for a Ray error, the remote exception it carries (not Ray's wrapper,
+    whose first line names only the actor or task), without terminal colour codes."""
+    ray_errors = sys.modules.get("ray.exceptions")
+    text = _ANSI.sub("", str(exc)).strip()
+    if ray_errors is not None and isinstance(exc, ray_errors.RayError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException) and cause is not exc:
+            return describe(cause)
+        if re.search(r'^\s*File "', text, re.M):         # a remote traceback: its exception line says why
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1])
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 class LapFailed(RuntimeError):
@@ -124,10 +145,27 @@ class LapRecord:
 
     @classmethod
     def load(cls, path: Path, lap: int) -> LapRecord:
-        return cls(**json.loads(path.read_text())) if path.exists() else cls(lap)
+        if not path.exists():
+            return cls(lap)
+        data = read_json(path, f"lap {lap}'s record")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"lap {lap}'s record {path} has another layout ({exc})") from None
 
     def save(self, path: Path) -> None:
         write_json(path, {"lap": self.lap, "stages": self.stages, "metrics": self.metrics, "logged": self.logged})
+
+
+def read_json(path: Path, what: str, error: type[Exception] = ValueError) -> dict:
+    """A JSON object from ``path``; ``error`` naming ``what`` and the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"{what} {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} cannot be read (a JSON {type(data).__name__}, not an object)")
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -154,8 +154,18 @@ def _dotlist(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. simulator.fidelity=0.5)")
     try:
         return OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse the overrides {overrides}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # OmegaConf's errors and the YAML parser's: a value that is not YAML
+        bad = [o for o in overrides if not _parses(o)] or overrides
+        raise ConfigError(f"cannot parse the override(s) {bad}: {str(exc).splitlines()[0]}; quote a value that "
+                          'YAML would read otherwise, e.g. service.host=\'"[::1]"\'') from None
+
+
+def _parses(override: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([override])
+        return True
+    except Exception:  # noqa: BLE001 - only which one fails matters here
+        return False
 
 
 def _yaml(path: Path) -> DictConfig:

@@ -20,7 +20,6 @@ tracking server is refused before the run directory is made.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -29,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flywheel.config import ConfigError, FlywheelConfig, config_diff, config_hash, keys_added_since, load_config, save_config
-from flywheel.lap import LapContext, LapParts, LapRecord, run_lap, write_json
+from flywheel.lap import LapContext, LapParts, LapRecord, StageError, describe, read_json, run_lap, write_json
 from flywheel.report import format_table, load_history
 from flywheel.store import TrajectoryStore
-from flywheel.tracking import Tracker, check_reachable, tracking_uri
+from flywheel.tracking import Tracker, check_reachable, check_tracked_at, tracking_uri
 
 
 class RunStopped(KeyboardInterrupt):
@@ -61,6 +60,7 @@ class Orchestrator:
         self.parent_run_id, self.run_name = parent_run_id, run_name
         self.store = TrajectoryStore(self.run_dir / "store")
         self.tracker: Tracker | None = None
+        self.failure_recorded = False   # error.txt and the MLflow tag hold this run's failure
 
     # -- creating and resuming -----------------------------------------------------------------
     @classmethod
@@ -86,7 +86,9 @@ class Orchestrator:
             raise ConfigError(f"{run_dir} is not a flywheel run directory (no state.json)")
         saved = load_config(base=run_dir / "config.yaml")
         cfg = load_config(overrides or [], base=run_dir / "config.yaml")
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path, "the run's state", ConfigError)
+        if not isinstance(state.get("config_hash"), str):
+            raise ConfigError(f"the run's state {state_path} cannot be read (no config_hash)")
         added, hash_without = keys_added_since(cfg, run_dir / "config.yaml") \
             if config_hash(cfg) != state["config_hash"] else ([], state["config_hash"])
         if added and not config_diff(saved, cfg) and hash_without == state["config_hash"]:
@@ -103,6 +105,7 @@ class Orchestrator:
             state["config_hash"] = config_hash(cfg)
             state.setdefault("forced", []).append({"time": time.time(), "diff": diff})
         check_reachable(tracking_uri(cfg))
+        check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
         cfg.run_dir = str(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         write_json(state_path, state)
@@ -114,17 +117,22 @@ class Orchestrator:
         """Run (or finish) every lap; returns the per-lap metric rows. The MLflow run ends as it really ended."""
         self.tracker = Tracker.open(self.cfg, self.run_dir, run_name=self.run_name, parent_run_id=self.parent_run_id)
         self.banner("start")
+        signals = stop_on_signals()
         try:
             self.store.verify()                           # a resumed run's shards, before any stage relies on them
             self.parts.start(self.cfg)
-            with stop_on_signals():                       # installed after Ray's own handler, replacing it
+            with signals:                                 # installed after Ray's own handler, replacing it
                 for lap in range(self.cfg.laps):
                     self.run_lap(lap)
         except (KeyboardInterrupt, SystemExit) as exc:
-            self.tracker.set_tag("flywheel.stopped", str(exc) or type(exc).__name__)
+            # Ray's blocking calls turn a handler's exception into a plain KeyboardInterrupt: the signal is kept aside
+            signum = getattr(exc, "signum", None) or signals.received or (signal.SIGTERM if isinstance(exc, SystemExit)
+                                                                         else None)
+            self.tracker.set_tag("flywheel.stopped", f"stopped by {signal.Signals(signum).name}" if signum
+                                 else str(exc) or type(exc).__name__)
             self.tracker.finish("KILLED")
-            if isinstance(exc, SystemExit):
-                raise RunStopped(signal.SIGTERM) from exc   # a library's handler turned a signal into an exit
+            if signum and not isinstance(exc, RunStopped):
+                raise RunStopped(signum) from exc
             raise
         except BaseException as exc:
             self.record_failure(exc)
@@ -139,6 +147,7 @@ class Orchestrator:
         """FAILED on MLflow, with the one-line cause as a tag and the traceback as an artifact and a file."""
         text = "".join(traceback.format_exception(exc))
         (self.run_dir / "error.txt").write_text(text)
+        self.failure_recorded = True
         try:
             self.tracker.set_tag("flywheel.error", one_line(exc)[:5000])
             self.tracker.client.log_text(self.tracker.run_id, text, "error/traceback.txt")
@@ -158,13 +167,20 @@ class Orchestrator:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one readable line: its message's first line, or its type."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """An exception as one readable line: its message's first line, or its type (a Ray error: what it carries)."""
+    if isinstance(exc, StageError) or not str(exc).strip():
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    described = describe(exc)
+    return described.split(": ", 1)[1] if described.startswith(f"{type(exc).__name__}: ") else described
 
 
 class stop_on_signals:
     """While active, SIGTERM and SIGINT raise ``RunStopped`` in the main thread (replacing Ray's exit handler)."""
+
+    def __init__(self):
+        self.saved: dict = {}
+        self.received: int | None = None   # the last signal handled (a library may replace the exception raised)
 
     def __enter__(self) -> stop_on_signals:
         self.saved = {}
@@ -173,8 +189,8 @@ class stop_on_signals:
                 self.saved[sig] = signal.signal(sig, self._raise)
         return self
 
-    @staticmethod
-    def _raise(signum, frame) -> None:
+    def _raise(self, signum, frame) -> None:
+        self.received = signum
         raise RunStopped(signum)
 
     def __exit__(self, *exc) -> None:

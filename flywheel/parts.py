@@ -45,8 +45,10 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
 
     from flywheel import cluster
     from services.server_actor import start_server_actors, stop_server_actors
+    from simulators.world_model.checkpoint import read_payload
 
     cfg = ctx.cfg
+    read_payload(ctx.wm_path(ctx.lap - 1))          # a bad checkpoint is named here, not in a server actor's death
     init_ray(cfg)
     nodes = cluster.server_nodes(cfg)
     raw, wm, stride = ctx.store.raw_dir(ctx.lap), ctx.wm_path(ctx.lap - 1), EPISODE_STRIDE // max(16, len(nodes))
@@ -147,6 +149,10 @@ def fit_world_model(ctx: LapContext, data, init: Path | None):
     import ray
 
     cfg = replace(ctx.cfg.world_model, seed=ctx.cfg.seed)
+    if init is not None:
+        from simulators.world_model.checkpoint import read_payload
+
+        read_payload(init)                           # named here (missing, truncated, corrupt), before any Ray task
     init_bytes = Path(init).read_bytes() if init is not None else None
     args = (ctx.cfg.task, data, cfg, init_bytes, vars(ctx.cfg.engine.params))
     if not ray.is_initialized():

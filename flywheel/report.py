@@ -7,11 +7,12 @@ Everything reads what a run directory already holds (``laps/lap_NNN/metrics.json
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from flywheel.lap import read_json
 
 CAPABILITY = (("capability/success_rate", "success rate (reality)"), ("capability/return", "return (reality)"),
               ("world_model/open_loop_error", "WM open-loop error"), ("imagination/accuracy", "imagination accuracy"),
@@ -36,7 +37,7 @@ def load_history(run_dir: str | Path) -> list[dict]:
     """Per-lap metric dicts (with ``lap``) of every logged lap of a run, in lap order."""
     rows = []
     for path in sorted(Path(run_dir).glob("laps/lap_*/metrics.json")):
-        data = json.loads(path.read_text())
+        data = read_json(path, "lap record")
         if data.get("logged"):
             rows.append({"lap": int(data["lap"]), **data["metrics"]})
     return rows

@@ -46,6 +46,29 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                           f"(null = the local SQLite store)") from None
 
 
+def recorded_run(run_dir: str | Path) -> dict:
+    """The MLflow run a run directory is tracked in (its ``tracking.json``: uri, experiment, run_id)."""
+    from flywheel.lap import read_json
+
+    path = Path(run_dir) / RUN_FILE
+    info = read_json(path, "the run's MLflow record", ConfigError)
+    missing = [k for k in ("uri", "experiment", "run_id") if not isinstance(info.get(k), str)]
+    if missing:
+        raise ConfigError(f"the run's MLflow record {path} cannot be read (no {', '.join(missing)})")
+    return info
+
+
+def check_tracked_at(run_dir: str | Path, uri: str) -> dict:
+    """``ConfigError`` unless the run in ``run_dir`` (when it has an MLflow run yet) is tracked at ``uri``."""
+    if not (Path(run_dir) / RUN_FILE).exists():
+        return {}
+    info = recorded_run(run_dir)
+    if info["uri"] != uri:
+        raise ConfigError(f"run {run_dir} is tracked at {info['uri']}, not {uri}; resume with the same "
+                          f"tracking.uri (or leave tracking.uri out)")
+    return info
+
+
 def default_uri(runs_root: str | Path) -> str:
     return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
 
@@ -81,12 +104,11 @@ class Tracker:
         run_dir = Path(run_dir)
         uri = tracking_uri(cfg)
         saved = run_dir / RUN_FILE
+        if saved.exists():
+            check_tracked_at(run_dir, uri)   # before a client makes a store at a mistyped URI
         client = mlflow_client(uri)
         if saved.exists():
-            info = json.loads(saved.read_text())
-            if info["uri"] != uri:
-                raise ConfigError(f"run {run_dir} is tracked at {info['uri']}, not {uri}; resume with the same "
-                                 f"tracking.uri")
+            info = check_tracked_at(run_dir, uri)
             client.update_run(info["run_id"], status="RUNNING")
             return cls(uri, info["experiment"], info["run_id"])
         exp_id = experiment_id(client, cfg.tracking.experiment, cfg.runs_root)
@@ -104,7 +126,7 @@ class Tracker:
     @classmethod
     def attach(cls, run_dir: str | Path) -> Tracker:
         """A handle on the run recorded in ``run_dir`` without reopening it (for reading)."""
-        info = json.loads((Path(run_dir) / RUN_FILE).read_text())
+        info = recorded_run(run_dir)
         return cls(info["uri"], info["experiment"], info["run_id"])
 
     # -- logging -------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ first one, the previous imagined state after that) the engine steps ``e = step(s
   than that of ``e``; ``joint_limit``: how much further a joint of ``s'`` lies past its limit than
   in ``e`` (largest over the joints). The engine's own soft contacts and limits allow some of
   both; only what the imagination adds is a violation;
-- ``nonfinite``: a NaN/inf in ``s``, ``a`` or ``s'`` (masked before the engine call, never stepped).
+- ``nonfinite``: a NaN/inf in ``s``, ``a`` or ``s'``, or a value of magnitude ``MAX_VALUE`` (1e10, MuJoCo's
+  ``mjMAXVAL``, past which MuJoCo resets the state) or more (masked before the engine call, never stepped).
 
 So a trajectory the engine produced scores exactly 0 on every component, with no slack that a
 corruption could hide in (``benchmarks/rlpf.py`` measures both). Each component is in units of its
@@ -39,6 +40,7 @@ from rewards.imagination import check_scale
 
 COMPONENTS: tuple[str, ...] = ("residual", "penetration", "joint_limit", "kinematic", "nonfinite")
 _HINGE, _SLIDE = 3, 2  # mujoco.mjtJoint values
+MAX_VALUE = 1e10  # MuJoCo's mjMAXVAL: a state past it is reset by the engine, so it cannot be stepped honestly
 JIT_ENGINES = frozenset({"mjx", "brax"})  # engines whose batch is padded to a power of two (one compile per bucket)
 
 
@@ -84,7 +86,8 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
     prev = np.concatenate([s0[:, None], im[:, :-1]], axis=1).reshape(B * H, S)
     nxt = im.reshape(B * H, S)
     a = acts.reshape(B * H, -1)
-    bad = ~(np.isfinite(prev).all(1) & np.isfinite(nxt).all(1) & np.isfinite(a).all(1))
+    with np.errstate(invalid="ignore"):
+        bad = ~((np.abs(prev) < MAX_VALUE).all(1) & (np.abs(nxt) < MAX_VALUE).all(1) & np.isfinite(a).all(1))
     placeholder = _placeholder(engine, S)
     safe_prev = np.where(bad[:, None], placeholder, prev)
     safe_next = np.where(bad[:, None], placeholder, nxt)
@@ -96,7 +99,7 @@ def physics_violation(engine: Any, start: np.ndarray, actions: np.ndarray, imagi
         safe_prev, safe_next = (np.concatenate([x, np.repeat(placeholder[None], pad, 0)]) for x in (safe_prev, safe_next))
         safe_a = np.concatenate([safe_a, np.zeros((pad, safe_a.shape[1]))])
     stepped = np.asarray(engine.step_vectors(safe_prev, safe_a), dtype=np.float64)
-    finite_step = np.isfinite(stepped).all(1)
+    finite_step = (np.abs(stepped) < MAX_VALUE).all(1)
     both = engine.vector_constraints(np.concatenate([safe_next, np.where(finite_step[:, None], stepped, placeholder)]))
     imagined_c, stepped_c = both.rows(slice(0, len(safe_next))), both.rows(slice(len(safe_next), None))
     safe_prev, safe_next, stepped, finite_step = safe_prev[:n], safe_next[:n], stepped[:n], finite_step[:n]

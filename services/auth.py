@@ -63,6 +63,12 @@ def group_readable(path: str | os.PathLike) -> bool:
         return False
 
 
+def host_port(host: str, port: int) -> str:
+    """A gRPC target or bind address: ``host:port``, an IPv6 literal in brackets (``[::1]:50051``)."""
+    name = host.strip("[]")
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
     name = host.strip("[]")

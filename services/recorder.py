@@ -51,6 +51,9 @@ def claim_incarnation(directory: str | Path | None, key: str) -> int:
     """
     if not directory:
         return 0
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"trajectory directory {directory} is not a directory; give a directory the server can "
+                         "write, or a path that does not exist yet")
     path = Path(directory) / f".incarnation-{key}"
     try:
         n = int(path.read_text()) + 1 if path.exists() else 0

@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from services.auth import AuthError, TokenInterceptor, group_readable, is_loopback, load_token, server_credentials
+from services.auth import AuthError, TokenInterceptor, group_readable, host_port, is_loopback, load_token, server_credentials
 from services.client import channel_options
 from services.config import ServerConfig
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
@@ -61,7 +61,7 @@ class SimulatorServer:
     def __init__(self, grpc_server: grpc.Server, service: SimulatorService, health_servicer, host: str, port: int):
         self._server, self.service, self._health = grpc_server, service, health_servicer
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = host_port(host, port)
         self._stopped = False
 
     def stop(self, grace: float | None = 5.0) -> dict:
@@ -146,7 +146,7 @@ def _enable_reflection(server: grpc.Server, names: tuple[str, ...]) -> None:
 
 
 def _bind(server: grpc.Server, config: ServerConfig, credentials) -> int:
-    address = f"{config.host}:{config.port}"
+    address = host_port(config.host, config.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:

@@ -37,6 +37,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from services.auth import host_port
 from services.config import ServerConfig
 from services.recorder import RecordingError
 
@@ -105,7 +106,7 @@ class SimulatorServerActor:
         host = config.host
         if host in ("0.0.0.0", "::", "[::]"):
             host = ray.util.get_node_ip_address()
-        self._address = f"{host}:{self._server.port}"
+        self._address = host_port(host, self._server.port)
 
     def address(self) -> str:
         return self._address

@@ -30,12 +30,14 @@ from services.proto.flywheel.simulator.v1 import simulator_pb2_grpc as pb_grpc
 from services.recorder import claim_incarnation
 from services.session import ServiceError, SessionRequest, SimSession, open_session
 from simulators.physics.scale import data_scale
+from simulators.tasks import TASKS
 
 log = logging.getLogger(__name__)
 EPISODE_BLOCK = 2**32   # episode ids per simulator instance: sessions never share one
 SESSIONS_PER_INCARNATION = 2**16   # episode-id blocks per server incarnation; a restart takes the next range
 TOTALS = ("transitions_served", "transitions_stored", "episodes_stored", "shards")
 CREATE_MARGIN_S = 0.05   # time a CreateSession answer needs to reach its caller
+MAX_DETAILS = 2000       # characters of an error message sent back (gRPC's status details share a 16 KiB header limit)
 
 
 def _rpc(method):
@@ -48,12 +50,12 @@ def _rpc(method):
         except ServiceError as exc:
             if exc.code == "CANCELLED":
                 self.count("cancelled")
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            context.abort(getattr(grpc.StatusCode, exc.code), bounded(str(exc)))
         except (CodecError, ValueError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc)))
         except Exception as exc:  # the server keeps serving; the client gets the reason
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, bounded(f"{type(exc).__name__}: {exc}"))
 
     return wrapper
 
@@ -68,14 +70,16 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         wait = float(config.coalesce_wait_ms)   # Step calls of many sessions computed together (0: off)
         self.batcher = StepBatcher(wait / 1e3) if wait > 0 else None
         self.leases = Leases(config.max_sessions, config.session_idle_s, self._close)
-        self.max_streams = max(0, int(config.workers) - 1)   # one handler thread stays free for unary calls and probes
+        # streams and long calls (Imagine, Verify) hold a handler thread: together at most workers - 1, so one
+        # thread always stays free for short calls (Step, sessions) and health probes
+        self.max_held = max(0, int(config.workers) - 1)
         self._lock = threading.Lock()
         self._blocks = 0
-        self._streams = 0
+        self._held = 0
         self.incarnation = claim_incarnation(config.trajectory_dir, str(config.episode_offset))
         self._totals = dict.fromkeys(TOTALS, 0)
         self._errors: list[dict] = []
-        self._counts = {"cancelled": 0, "streams_refused": 0}
+        self._counts = {"cancelled": 0, "streams_refused": 0, "long_calls_refused": 0}
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -141,28 +145,42 @@ class SimulatorService(pb_grpc.SimulatorServicer):
             return session.step(request.seq, request.actions, hold)
 
     def StreamStep(self, request_iterator, context):
-        with self._stream_slot(context):
+        if not self._hold():
+            self.count("streams_refused")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_held} stream slots of the server are "
+                          "in use (workers - 1, shared with Imagine and Verify calls); step with unary Step calls")
+        try:
             for request in request_iterator:
                 if not context.is_active():
                     return
                 yield self.Step(request, context)
+        finally:
+            self._release_hold()
+
+    def _hold(self) -> bool:
+        """Take one of the ``workers - 1`` slots for a call that holds its handler thread long; False when full."""
+        with self._lock:
+            if self._held >= self.max_held:
+                return False
+            self._held += 1
+            return True
+
+    def _release_hold(self) -> None:
+        with self._lock:
+            self._held -= 1
 
     @contextlib.contextmanager
-    def _stream_slot(self, context):
-        """A stream holds a handler thread while open: at most ``workers - 1`` at once (RESOURCE_EXHAUSTED beyond)."""
-        with self._lock:
-            full = self._streams >= self.max_streams
-            if not full:
-                self._streams += 1
-        if full:
-            self.count("streams_refused")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_streams} stream slots of the server are "
-                          "in use (workers - 1); step with unary Step calls")
+    def _long_call(self, what: str):
+        """Imagine and Verify share the stream slots; beyond them RESOURCE_EXHAUSTED (a probe must find a thread)."""
+        if not self._hold():
+            self.count("long_calls_refused")
+            raise ServiceError("RESOURCE_EXHAUSTED", f"{what}: all {self.max_held} slots for streams and Imagine/Verify "
+                               "calls are in use (workers - 1; one handler thread stays free for steps and health "
+                               "probes); retry shortly or raise service.workers")
         try:
             yield
         finally:
-            with self._lock:
-                self._streams -= 1
+            self._release_hold()
 
     @_rpc
     def CloseSession(self, request, context):
@@ -208,13 +226,20 @@ class SimulatorService(pb_grpc.SimulatorServicer):
                 errors.append(t["error"])
         sessions = {f"sessions_{k}": v for k, v in self.leases.counts.items()}
         return {**totals, "incarnation": self.incarnation, "sessions_open": len(open_), **sessions,
-                "calls_cancelled": counts["cancelled"], "streams_refused": counts["streams_refused"], "errors": errors}
+                "calls_cancelled": counts["cancelled"], "streams_refused": counts["streams_refused"],
+                "long_calls_refused": counts["long_calls_refused"], "errors": errors}
 
     # -- world model and physics checks --------------------------------------------------------
     @_rpc
     def Imagine(self, request, context):
+        with self._long_call("Imagine"):
+            return self._imagine(request, context)
+
+    def _imagine(self, request, context):
+        if request.task:
+            TASKS.target(request.task)           # an unknown task is named as such (ValueError: INVALID_ARGUMENT)
         wm = self.models.get(request.world_model_version, request.task or None)
-        b, h = _leading(request.states, request.actions)
+        b, h = _leading(request.states, request.actions, "Imagine")
         check_work(self.config, "Imagine", b, h, wm.state_size)
         s0 = decode_float(request.states, "states", (None, wm.state_size))
         actions = decode_float(request.actions, "actions", (len(s0), None, wm.action_size))
@@ -228,9 +253,13 @@ class SimulatorService(pb_grpc.SimulatorServicer):
 
     @_rpc
     def Verify(self, request, context):
+        with self._long_call("Verify"):
+            return self._verify(request, context)
+
+    def _verify(self, request, context):
         engine, lock = self.models.verifier(request.task or self.config.task)
         s, a = engine.spec.state_size, engine.spec.action_size
-        b, h = _leading(request.states, request.actions)
+        b, h = _leading(request.states, request.actions, "Verify")
         check_work(self.config, "Verify", b, h, s)
         start = decode_float(request.states, "states", (None, s))
         actions = decode_float(request.actions, "actions", (len(start), None, a))
@@ -253,6 +282,14 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         return pb.LoadWorldModelResponse(wm_version=wm.version, task=wm.task.name)
 
 
+def bounded(message: str) -> str:
+    """An error message cut to ``MAX_DETAILS`` characters (one that echoes a huge request field must still arrive)."""
+    if len(message) <= MAX_DETAILS:
+        return message
+    cut = len(message) - MAX_DETAILS
+    return f"{message[:MAX_DETAILS // 2]} ...[{cut} characters cut]... {message[-MAX_DETAILS // 2:]}"
+
+
 def _caller_gone(context) -> str:
     """``"CANCELLED"`` when the caller left, ``"DEADLINE_EXCEEDED"`` when an answer would arrive too late, else ``""``."""
     if not context.is_active():
@@ -261,7 +298,11 @@ def _caller_gone(context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining < CREATE_MARGIN_S else ""
 
 
-def _leading(states: pb.Tensor, actions: pb.Tensor) -> tuple[int, int]:
-    """``(B, H)`` of a ``states [B, S]`` and ``actions [B, H, A]`` pair, from their headers."""
+def _leading(states: pb.Tensor, actions: pb.Tensor, call: str) -> tuple[int, int]:
+    """``(B, H)`` of a ``states [B, S]`` and ``actions [B, H, A]`` pair, from their headers; both at least 1."""
     s, a = header_shape(states, "states"), header_shape(actions, "actions")
-    return (s[0] if s else 0), (a[1] if len(a) > 1 else 0)
+    b, h = (s[0] if s else 0), (a[1] if len(a) > 1 else 0)
+    if b < 1 or h < 1:
+        raise ServiceError("INVALID_ARGUMENT", f"{call}: states [B, S] and actions [B, H, A] need B >= 1 and H >= 1, "
+                           f"got states {list(s)} and actions {list(a)}")
+    return b, h

@@ -31,6 +31,7 @@ from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.recorder import Recorder
 
 TERMS = ("task", "imagination", "physics")
+MAX_WEIGHT = 1e6   # a reward weight's bound: each term is O(1) per step, so totals stay far inside float32
 
 
 class ServiceError(Exception):
@@ -61,9 +62,10 @@ def with_weights(config, weights: dict[str, float], horizon: int = 0):
     unknown = set(weights) - names
     if unknown:
         raise ServiceError("INVALID_ARGUMENT", f"unknown reward weight(s) {sorted(unknown)}; allowed: {sorted(names)}")
-    bad = {k: v for k, v in weights.items() if not (np.isfinite(v) and v >= 0)}
+    bad = {k: v for k, v in weights.items() if not (np.isfinite(v) and 0 <= v <= MAX_WEIGHT)}
     if bad:
-        raise ServiceError("INVALID_ARGUMENT", f"reward weights {bad} must be finite and >= 0")
+        raise ServiceError("INVALID_ARGUMENT", f"reward weights {bad} must be in [0, {MAX_WEIGHT:g}] (a reward "
+                           "scaled past that overflows float32)")
     changes = {"weights": dataclasses.replace(config.weights, **weights)}
     if horizon:
         changes["horizon"] = int(horizon)
@@ -177,10 +179,13 @@ class SimSession:
             raise ServiceError("NOT_FOUND", f"session {self.id} is closed")
         if isinstance(seed, (list, tuple, np.ndarray)):
             seed = check_seeds(seed, self.num_envs)
+        elif seed is not None:
+            seed = check_seed(seed)
+        fresh = self.make_sim(seed) if seed is not None else None   # built first: a refused reset changes nothing
         if self._started:
             self.recorder.abandon()
-        if seed is not None:
-            self.sim = self.make_sim(seed)
+        if fresh is not None:
+            self.sim = fresh
         elif self._started and self.next_offset is not None:
             self.sim.episode_offset = self.next_offset()
         self._started = True
@@ -280,3 +285,10 @@ def check_seeds(seeds, num_envs: int) -> list[int]:
     if bad:
         raise ServiceError("INVALID_ARGUMENT", f"seeds must be integers in [0, 2**63), got {bad[:5]}")
     return [int(v) for v in values]
+
+
+def check_seed(seed) -> int:
+    """A batch seed: one integer in [0, 2**63)."""
+    if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise ServiceError("INVALID_ARGUMENT", f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)

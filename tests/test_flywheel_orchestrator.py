@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -57,7 +58,13 @@ class FakeTrainer:
         ctx = self.ctx
         self.calls["self_play"] += 1
         if self.calls["signal_at"] == ctx.lap:
-            os.kill(os.getpid(), signal.SIGTERM)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)                                   # the handler raises before this ends
+            except RunStopped:
+                if self.calls.get("plain_interrupt"):           # as Ray's ray.get does with a handler's exception
+                    raise KeyboardInterrupt() from None
+                raise
         data = ctx.store.load(kind="seed")
         data = data.select(np.arange(len(data)))
         data.episode_ids = data.episode_ids + (ctx.lap + 1) * EPISODE_STRIDE
@@ -182,6 +189,16 @@ def test_resume_refuses_a_changed_shard_before_any_stage_runs(tmp_path, fakes):
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]   # nothing ran
     state, tags = status(resumed)
     assert state == "FAILED" and "lap_000/seed.npz (lap 0, seed) has changed" in tags["flywheel.error"]
+
+
+def test_sigterm_turned_into_a_plain_interrupt_by_a_library_is_still_named_sigterm(tmp_path, fakes):
+    fakes["signal_at"], fakes["plain_interrupt"] = 0, True
+    orch = make(tmp_path, fakes)
+    with pytest.raises(RunStopped, match="SIGTERM") as stopped:
+        orch.run()
+    assert stopped.value.signum == signal.SIGTERM
+    state, tags = status(orch)
+    assert state == "KILLED" and tags["flywheel.stopped"] == "stopped by SIGTERM"
 
 
 def test_sigterm_mid_lap_ends_the_run_killed_and_resume_redoes_only_that_stage(tmp_path, fakes):
@@ -351,3 +368,51 @@ def test_a_run_from_before_a_config_key_existed_resumes_and_an_edited_one_does_n
                                      .replace("require_success: true", "require_success: false"))
     with pytest.raises(ConfigError, match="edited after the run started"):
         Orchestrator.resume(run, ["laps=3"], say=lines.append, parts=fakes["parts"])
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path, fakes):
+    make(tmp_path, fakes, "laps=1").run()
+    run_dir = tmp_path / "run"
+    files = [run_dir / name for name in ("config.yaml", "state.json", "tracking.json")]
+    before = [f.read_bytes() for f in files]
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(ConfigError, match=r"is tracked at sqlite:///.*/mlflow\.db, not sqlite:///.*/other\.db; resume "
+                                          r"with the same tracking\.uri"):
+        Orchestrator.resume(run_dir, [f"tracking.uri={other}", "laps=2"], say=lambda m: None, parts=fakes["parts"])
+    assert [f.read_bytes() for f in files] == before and not (tmp_path / "other.db").exists()
+    resumed = Orchestrator.resume(run_dir, ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+    assert [r["lap"] for r in resumed.run()] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["state.json", "tracking.json", "laps/lap_000/metrics.json"])
+def test_a_damaged_run_file_is_named_when_the_run_is_resumed(tmp_path, fakes, name):
+    make(tmp_path, fakes, "laps=1").run()
+    path = tmp_path / "run" / name
+    path.write_bytes(path.read_bytes()[:5])
+    expected = rf"{path} cannot be read \(JSONDecodeError: "
+    if name == "laps/lap_000/metrics.json":                 # the run directory is fine; lap 0's record is not
+        resumed = Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+        with pytest.raises(ValueError, match=rf"lap 0's record {expected}"):
+            resumed.run()
+        assert status(resumed)[0] == "FAILED"
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+
+
+def test_a_corrupt_world_model_is_named_before_any_server_starts(tmp_path):
+    import ray
+
+    from flywheel.lap import LapContext
+    from flywheel.parts import ray_servers
+    from flywheel.store import TrajectoryStore
+
+    cfg = load_config([*TINY, f"runs_root={tmp_path}"])
+    ctx = LapContext(cfg, tmp_path, TrajectoryStore(tmp_path / "store"), 1, say=lambda m: None)
+    path = ctx.wm_path(0)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=rf"{path} is not a world-model checkpoint \(bad header\)"):
+        with ray_servers(ctx):
+            pass
+    assert not ray.is_initialized()

@@ -160,6 +160,19 @@ def test_nan_is_flagged_without_crashing(engines):
     np.testing.assert_allclose(rep.per_window[others], base.per_window[others])
 
 
+
+@pytest.mark.parametrize("value", [1.1e10, 1e20, -1e30])
+def test_a_state_past_mujocos_range_is_flagged_not_reset_to_rest(engines, value):
+    """MuJoCo resets a state past mjMAXVAL (1e10) to its rest pose: stepping it would 'confirm' a jump to rest."""
+    engine = engines["pendulum"]
+    start = np.array([[value, 0.0], [0.0, value], [1e9, 0.0]])       # 1e9: absurd but steppable, judged as usual
+    rest = np.zeros((3, 1, 2))                                        # the imagined next state: the rest pose
+    rep = rewards.physics_violation(engine, start, np.zeros((3, 1, 1)), rest)
+    assert rep.violates.tolist() == [True, True, True]
+    assert rep.raw["nonfinite"][:, 0].tolist() == [1.0, 1.0, 0.0]
+    assert rep.reasons(0) == ["nonfinite"] and rep.reasons(1) == ["nonfinite"] and "nonfinite" not in rep.reasons(2)
+    assert np.isfinite(rep.per_window).all()
+
 def test_whole_turn_of_a_free_hinge_is_not_a_violation(engines):
     engine, start, actions, imagined = clean(engines, "pendulum")
     imagined[:, 2:, 0] += 2 * np.pi

@@ -183,6 +183,29 @@ def test_episodes_cut_short_by_a_reset_are_written_once_under_ids_never_reused(t
     assert len(np.unique(data.episode_ids)) == 3 * B and len(data) == 3 * 5 * B and not data.dones.any()
 
 
+
+@pytest.mark.parametrize("bad_seed", [-5, 2**63, [1, -1]])
+def test_a_refused_reset_changes_nothing_and_its_episodes_stay_whole(tmp_path, wm_path, bad_seed):
+    from services.local_env import LocalVectorEnv
+    from services.session import ServiceError
+
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(wm_path), trajectory_dir=str(tmp_path),
+                          flush_seconds=0.05)
+    env = LocalVectorEnv(TASK, B, config=config)
+    rng = np.random.default_rng(0)
+    env.reset(seed=1)
+    for _ in range(5):
+        env.step(random_actions(rng))
+    seed = bad_seed if not isinstance(bad_seed, list) else (bad_seed * B)[:B]
+    with pytest.raises(ServiceError, match=r"seeds? must be (an integer|integers) in \[0, 2\*\*63\)"):
+        env.session.restart(seed)
+    for _ in range(5):
+        env.step(random_actions(rng))
+    env.close()
+    data = assert_whole_and_unique(tmp_path)
+    assert len(np.unique(data.episode_ids)) == B and len(data) == 10 * B      # one piece per episode: steps 0-9
+    assert sorted(set(data.steps.tolist())) == list(range(10))
+
 # -- a server process ---------------------------------------------------------------------------
 def test_killed_server_loses_only_the_episodes_in_flight(tmp_path, wm_path):
     raw = tmp_path / "raw"
@@ -391,3 +414,20 @@ def test_stop_server_actors_raises_the_recording_error(tmp_path, wm_path, ray_st
     (report,) = failed.value.reports
     assert report["transitions_served"] >= T * B and report["transitions_stored"] == 0
     assert failed.value.path.startswith(str(raw)) and "Errno" in failed.value.error
+
+
+def test_a_server_actor_that_dies_starting_is_named_by_its_cause_in_one_line(tmp_path, wm_path, ray_started):
+    from flywheel.lap import StageError
+    from flywheel.orchestrator import one_line
+    from services.server_actor import start_server_actors
+
+    bad = tmp_path / "wm.pt"
+    data = bytearray(wm_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    config = ServerConfig(task=TASK, engine="mujoco", world_model_path=str(bad), max_restarts=0)
+    with pytest.raises(Exception) as died:               # Ray's wrapper: its own first line names only the actor
+        start_server_actors([config])
+    expected = f"world-model checkpoint {bad} is truncated or corrupt (checksum mismatch)"
+    assert str(StageError(1, "self_play", died.value)) == f"lap 1 self_play failed: ValueError: {expected}"
+    assert one_line(died.value) == f"ValueError: {expected}" and "\x1b" not in one_line(died.value)

@@ -112,6 +112,16 @@ def test_bad_inputs_get_status_and_message(served):
             client.create_session(TASK, B, reward_weights={"speed": 1.0})
         with pytest.raises(NotFound, match="unknown world-model version 'wm-missing'"):
             client.create_session(TASK, B, world_model_version="wm-missing")
+        with pytest.raises(InvalidArgument, match=r"unknown task 'xxxx+\.\.\. \(100000 characters\)'; valid tasks"):
+            client.create_session("x" * 100_000, B)                 # the echo is cut: the answer still arrives
+        with pytest.raises(InvalidArgument, match=r"reward weights \{'task': 1e\+308\} must be in \[0, 1e\+06\]"):
+            client.create_session(TASK, B, reward_weights={"task": 1e308})
+        with pytest.raises(InvalidArgument, match="unknown task 'bogus'; valid tasks"):
+            client.imagine(np.zeros((1, 2)), np.zeros((1, 3, 1)), task="bogus")
+        for states, actions in (((0, 2), (0, 3, 1)), ((2, 2), (2, 0, 1))):
+            with pytest.raises(InvalidArgument, match=r"Verify: states \[B, S\] and actions \[B, H, A\] need B >= 1 "
+                                                      r"and H >= 1, got states \[\d, 2\] and actions \[\d, \d, 1\]"):
+                client.verify(np.zeros(states), np.zeros(actions), np.zeros((*actions[:2], 2)))
         # the session survives all of that and still steps
         assert session.step(actions_for(0)).observations.shape == (B, 3)
         session.close()
@@ -260,3 +270,12 @@ def test_shutdown_flushes_the_recorder_and_episode_ids_are_unique(tmp_path):
     assert all(len(p) == 15 for p in parts)
     ids = [set(np.unique(p.episode_ids).tolist()) for p in parts]
     assert ids[0].isdisjoint(ids[1]) and min(min(i) for i in ids) >= 1000
+
+
+def test_an_error_message_is_cut_to_what_grpc_status_details_can_carry():
+    from services.servicer import MAX_DETAILS, bounded
+
+    assert bounded("short") == "short"
+    cut = bounded("a" * 10 + "b" * 100_000 + "z" * 10)
+    assert len(cut) < MAX_DETAILS + 50 and cut.startswith("aaaaaaaaaab") and cut.endswith("bzzzzzzzzzz")
+    assert f"...[{100_020 - MAX_DETAILS} characters cut]..." in cut

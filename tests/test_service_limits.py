@@ -118,3 +118,24 @@ def test_streams_beyond_the_free_handler_threads_fall_back_to_unary_steps():
                 s.close()
         report = proc.stop()
     assert report["streams_refused"] == 2
+
+
+def test_imagine_and_verify_share_the_stream_slots_so_a_probe_always_finds_a_thread():
+    with ServerProcess(ServerConfig(task=TASK, engine="mujoco", workers=2)) as proc:   # one slot: workers - 1
+        with SimulatorClient(proc.address) as client:
+            streaming = client.create_session(TASK, 2, seed=0)
+            streaming.use_stream()
+            streaming.reset()
+            streaming.step(np.zeros((2, 1), np.float32))            # the stream holds the one slot
+            states, actions = np.zeros((2, 2), np.float32), np.zeros((2, 3, 1), np.float32)
+            with pytest.raises(ResourceExhausted, match=r"Imagine: all 1 slots for streams and Imagine/Verify calls "
+                                                        r"are in use"):
+                client.imagine(states, actions)
+            with pytest.raises(ResourceExhausted, match=r"Verify: all 1 slots"):
+                client.verify(states, actions, np.zeros((2, 3, 2), np.float32))
+            assert client.health() == "SERVING"                   # the free thread answers probes
+            streaming.close()                                       # the slot is given back
+            imagined, _ = client.imagine(states, actions)
+            assert imagined.shape == (2, 3, 2)
+        report = proc.stop()
+    assert report["long_calls_refused"] == 2 and report["streams_refused"] == 0

@@ -52,7 +52,8 @@ class TaskRegistry:
 
     def target(self, name: str) -> str:
         if name not in self._entries:
-            raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(self._entries))}")
+            shown = name if len(str(name)) <= 64 else f"{str(name)[:64]}... ({len(str(name))} characters)"
+            raise ValueError(f"unknown task {shown!r}; valid tasks: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
