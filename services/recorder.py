@@ -43,20 +43,21 @@ class RecordingError(RuntimeError):
         return {"path": self.path, "error": self.error}
 
 
-def claim_incarnation(directory: str | Path | None, key: str) -> int:
-    """Count one more start of server ``key`` recording into ``directory``; returns its number (0 first).
+def claim_incarnation(directory: str | Path | None, key: str, at_least: int = 0) -> int:
+    """Count one more start of server ``key`` recording into ``directory``; returns its number (0 first, and at
+    least ``at_least``).
 
     Kept in the hidden file ``<directory>/.incarnation-<key>``, so a server restarted after a crash
     takes a fresh episode-id range and never reuses the one its dead incarnation recorded under.
     """
     if not directory:
-        return 0
+        return int(at_least)
     if Path(directory).exists() and not Path(directory).is_dir():
         raise ValueError(f"trajectory directory {directory} is not a directory; give a directory the server can "
                          "write, or a path that does not exist yet")
     path = Path(directory) / f".incarnation-{key}"
     try:
-        n = int(path.read_text()) + 1 if path.exists() else 0
+        n = max(int(path.read_text()) + 1 if path.exists() else 0, int(at_least))
         atomic_write(path, lambda f: f.write(str(n).encode()))
     except (OSError, ValueError) as exc:
         raise RecordingError(str(path), f"{type(exc).__name__}: {exc}") from exc

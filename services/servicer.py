@@ -33,8 +33,9 @@ from simulators.physics.scale import data_scale
 from simulators.tasks import TASKS
 
 log = logging.getLogger(__name__)
-EPISODE_BLOCK = 2**32   # episode ids per simulator instance: sessions never share one
-SESSIONS_PER_INCARNATION = 2**16   # episode-id blocks per server incarnation; a restart takes the next range
+EPISODE_BLOCK = 2**32   # episode ids per session (over all its resets): sessions never share one
+SESSIONS_PER_INCARNATION = 2**16   # episode-id blocks per id range; a restart, or a spent range, takes the next one
+MAX_EPISODE_ID = 2**63 - 1
 TOTALS = ("transitions_served", "transitions_stored", "episodes_stored", "shards")
 CREATE_MARGIN_S = 0.05   # time a CreateSession answer needs to reach its caller
 MAX_DETAILS = 2000       # characters of an error message sent back (gRPC's status details share a 16 KiB header limit)
@@ -77,6 +78,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self._blocks = 0
         self._held = 0
         self.incarnation = claim_incarnation(config.trajectory_dir, str(config.episode_offset))
+        self._range = self.incarnation                # the id range new sessions' blocks come from
         self._totals = dict.fromkeys(TOTALS, 0)
         self._errors: list[dict] = []
         self._counts = {"cancelled": 0, "streams_refused": 0, "long_calls_refused": 0}
@@ -86,13 +88,22 @@ class SimulatorService(pb_grpc.SimulatorServicer):
             self._counts[name] += 1
 
     def _episode_offset(self) -> int:
+        """The first episode id of a new session's block; a spent range is replaced by a fresh one (claimed as a
+        restart claims one, so no later incarnation reuses it)."""
         with self._lock:
             if self._blocks >= SESSIONS_PER_INCARNATION:
-                raise ServiceError("RESOURCE_EXHAUSTED", f"the server used all its {SESSIONS_PER_INCARNATION} "
-                                   "episode-id blocks (one per session and per reset); start a new server")
+                self._range = claim_incarnation(self.config.trajectory_dir, str(self.config.episode_offset),
+                                                at_least=self._range + 1)
+                self._blocks = 0
+                log.info("episode-id range %d spent (%d sessions): new sessions take range %d",
+                         self._range - 1, SESSIONS_PER_INCARNATION, self._range)
+            block = self._range * SESSIONS_PER_INCARNATION + self._blocks
+            offset = self.config.episode_offset + block * EPISODE_BLOCK
+            if offset > MAX_EPISODE_ID - EPISODE_BLOCK:
+                raise ServiceError("RESOURCE_EXHAUSTED", f"episode ids of this trajectory directory are spent "
+                                   f"(range {self._range}); record into a new trajectory directory")
             self._blocks += 1
-            block = self.incarnation * SESSIONS_PER_INCARNATION + self._blocks - 1
-            return self.config.episode_offset + block * EPISODE_BLOCK
+            return offset
 
     def _open(self, request: SessionRequest) -> SimSession:
         session = open_session(self.config, self.models, request, self._episode_offset, self.incarnation, self.engines)

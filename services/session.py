@@ -128,9 +128,10 @@ def open_session(config, models, request: SessionRequest, next_offset: Callable[
     else:
         engine, release = engines.acquire(task), engines.release
 
-    def make_sim(seed):
+    def make_sim(seed, episode_offset=None):
+        offset = next_offset() if episode_offset is None else int(episode_offset)
         return CorrectedSimulator(task, wm, engine, fidelity, mode=mode, horizon=int(reward.horizon),
-                                  seed=seed_of(seed, request.seed), num_envs=n, episode_offset=next_offset())
+                                  seed=seed_of(seed, request.seed), num_envs=n, episode_offset=offset)
 
     try:
         session_id = f"s{int(incarnation)}-{uuid.uuid4().hex[:12]}"
@@ -144,7 +145,7 @@ def open_session(config, models, request: SessionRequest, next_offset: Callable[
                            spec.action_high.astype(np.float32), spec.state_size, task.episode_length, spec.control_dt,
                            int(reward.horizon), {k: float(v) for k, v in dataclasses.asdict(reward.weights).items()},
                            wm.version, float(config.session_idle_s))
-        return SimSession(info, make_sim, engine, wm, reward, recorder, next_offset, release)
+        return SimSession(info, make_sim, engine, wm, reward, recorder, release)
     except BaseException:
         release(engine)
         raise
@@ -153,11 +154,9 @@ def open_session(config, models, request: SessionRequest, next_offset: Callable[
 class SimSession:
     """A ``CorrectedSimulator`` batch behind the wire: validation, sequence numbers, grading, recording."""
 
-    def __init__(self, info: SessionInfo, make_sim: Callable[[object], object], engine, world_model,
-                 reward_config, recorder: Recorder, next_offset: Callable[[], int] | None = None,
-                 release: Callable[[object], None] | None = None):
+    def __init__(self, info: SessionInfo, make_sim: Callable[..., object], engine, world_model,
+                 reward_config, recorder: Recorder, release: Callable[[object], None] | None = None):
         self.info, self.id, self.num_envs = info, info.session_id, info.num_envs
-        self.next_offset = next_offset
         self.make_sim, self.engine, self.reward_config, self.recorder = make_sim, engine, reward_config, recorder
         self.wm_version = str(world_model.version)
         self.scale = np.asarray(world_model.state_scale, dtype=np.float64)
@@ -181,13 +180,14 @@ class SimSession:
             seed = check_seeds(seed, self.num_envs)
         elif seed is not None:
             seed = check_seed(seed)
-        fresh = self.make_sim(seed) if seed is not None else None   # built first: a refused reset changes nothing
+        next_id = self.sim.next_episode_id             # new episodes go on in the session's own id block
+        fresh = self.make_sim(seed, next_id) if seed is not None else None   # first: a refused reset changes nothing
         if self._started:
             self.recorder.abandon()
         if fresh is not None:
             self.sim = fresh
-        elif self._started and self.next_offset is not None:
-            self.sim.episode_offset = self.next_offset()
+        else:
+            self.sim.episode_offset = next_id
         self._started = True
         return np.asarray(self.sim.reset())
 

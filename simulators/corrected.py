@@ -156,6 +156,11 @@ class CorrectedSimulator:
         self.device_blend = device_path(engine_platform(self.engine), getattr(world_model, "device", "cpu"))
 
     # -- episodes ------------------------------------------------------------------------------
+    @property
+    def next_episode_id(self) -> int:
+        """The first episode id not handed out yet (``episode_offset`` before the first reset)."""
+        return int(getattr(self, "_next_id", self.episode_offset))
+
     def reset(self) -> np.ndarray:
         """Start a fresh episode in every env; returns observations ``[B, O]``."""
         B, S, A, H = self.num_envs, self.spec.state_size, self.spec.action_size, self.horizon

@@ -127,9 +127,13 @@ def test_coalesced_steps_equal_steps_alone(tmp_path, task, dtype):
         assert len(da) == len(db) > 0
         assert_same({k: v for k, v in vars(da).items() if k != "meta"}, {k: v for k, v in vars(db).items() if k != "meta"},
                     "recorded")
-    # sessions were computed together: fewer world-model and engine calls than steps
+    # sessions were computed together: fewer engine calls than steps, and fewer world-model calls where this
+    # machine's matrix library keeps the model's rows independent of their batch (else one per session, exact)
     assert batcher.stats.steps == STEPS * len(CASES)
-    assert batcher.stats.wm_calls < batcher.stats.steps
+    if wm.rows_independent():
+        assert batcher.stats.wm_calls < batcher.stats.steps
+    else:
+        assert batcher.stats.wm_calls == batcher.stats.steps
     assert batcher.stats.batches < batcher.stats.steps
 
 

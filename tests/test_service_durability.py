@@ -206,6 +206,40 @@ def test_a_refused_reset_changes_nothing_and_its_episodes_stay_whole(tmp_path, w
     assert len(np.unique(data.episode_ids)) == B and len(data) == 10 * B      # one piece per episode: steps 0-9
     assert sorted(set(data.steps.tolist())) == list(range(10))
 
+
+def test_resets_go_on_in_the_sessions_own_id_block(tmp_path):
+    from services.models import ModelStore
+    from services.session import SessionRequest, open_session
+
+    config = ServerConfig(task=TASK, engine="mujoco")
+    blocks = []
+    session = open_session(config, ModelStore(config), SessionRequest(TASK, B),
+                           lambda: blocks.append(len(blocks)) or 2**32 * (len(blocks) - 1))
+    seen = []
+    for seed in (None, None, 5, list(range(1, B + 1)), None):   # first reset, unseeded, seeded, per-env seeds
+        session.restart(seed)
+        seen.append(session.start_ids())
+        for _ in range(3):
+            session.advance(np.zeros((B, 1), np.float32))
+    ids = np.concatenate(seen)
+    assert blocks == [0] and len(np.unique(ids)) == len(ids) and (np.diff(ids) > 0).all() and ids.max() < 2**32
+    session.close()
+
+
+def test_a_server_outlives_its_episode_id_range_without_reusing_an_id(tmp_path, monkeypatch):
+    import services.servicer as servicer
+
+    monkeypatch.setattr(servicer, "SESSIONS_PER_INCARNATION", 3)
+    config = ServerConfig(task=TASK, engine="mujoco", trajectory_dir=str(tmp_path))
+    first = servicer.SimulatorService(config)
+    offsets = [first._episode_offset() for _ in range(7)]     # 3 ranges: 0 (the start), then 1 and 2
+    restarted = servicer.SimulatorService(config)              # a restart claims a range no session has used
+    offsets += [restarted._episode_offset() for _ in range(2)]
+    assert len(set(offsets)) == len(offsets)
+    assert [o // (3 * servicer.EPISODE_BLOCK) for o in offsets] == [0, 0, 0, 1, 1, 1, 2, 3, 3]
+    for service in (first, restarted):
+        service.close_all()
+
 # -- a server process ---------------------------------------------------------------------------
 def test_killed_server_loses_only_the_episodes_in_flight(tmp_path, wm_path):
     raw = tmp_path / "raw"

@@ -11,6 +11,9 @@ from torch import nn
 # Rows per pass through the network on a CPU: 512 rows of 5 x 128 float32 activations (1.3 MB) stay in a
 # core's cache; measured on this machine, 8,192 rows take 2.2x less time in chunks on one thread, 1.2x on two.
 CHUNK_ROWS = 512
+# Fewest rows per product: a matrix library may take other kernels (another order of summation) for the
+# smallest batches (one row on Intel's MKL here, one to three on AMD EPYC), so fewer rows are padded to this.
+MIN_ROWS = 4
 
 
 class EnsembleLinear(nn.Module):
@@ -64,11 +67,16 @@ class GaussianEnsemble(nn.Module):
         that a chunk's activations stay in a core's cache; a row's values do not depend on its chunk.
         """
         n = x.shape[-2]
-        if n <= CHUNK_ROWS or x.device.type != "cpu":
+        if x.device.type != "cpu":
+            out = self._head_out(x, dtype)
+        elif n < MIN_ROWS:            # padded with copies of the last row: the small-batch kernels give other bits
+            out = self._head_out(torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], MIN_ROWS - n, -1)], dim=-2),
+                                 dtype)[:, :n]
+        elif n <= CHUNK_ROWS:
             out = self._head_out(x, dtype)
         else:
             bounds = list(range(0, n, CHUNK_ROWS))
-            if n - bounds[-1] == 1:   # no one-row chunk: a one-row product takes another kernel (other bits)
+            if n - bounds[-1] < MIN_ROWS:   # no chunk of fewer rows: it would take another kernel
                 bounds.pop()
             out = torch.cat([self._head_out(x[..., lo:hi, :], dtype) for lo, hi in zip(bounds, bounds[1:] + [n])],
                             dim=1)

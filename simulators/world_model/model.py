@@ -185,8 +185,8 @@ class WorldModel:
     def _members(self, states, actions, with_std: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-member normalised state change and std ``[E, B, S]`` (float32); the std in state units.
 
-        A row's mean is meant to depend on that row alone, not on the rest of the batch: a single row is
-        computed as two (a one-row product takes another kernel), and members are averaged by
+        A row's mean is meant to depend on that row alone, not on the rest of the batch: the smallest batches
+        are padded (``ensemble.MIN_ROWS``: they take other kernels), and members are averaged by
         ``member_mean``. Whether the matrix library keeps it so for this model's layer shapes is checked by
         ``rows_independent`` (it does for the default architecture here).
         (The std's softplus bound may differ in its last bit between batch sizes: a vectorised
@@ -195,11 +195,7 @@ class WorldModel:
         s, a = self._as_tensors(states, actions)
         with torch_threads(self.config.num_threads):
             x = self._inputs(s, a)
-            n = len(x)
-            mean, log_std = self.net.infer(x.repeat(2, 1) if n == 1 else x, with_std,
-                                           INFERENCE_DTYPES[self.config.inference_dtype])
-            if n == 1:
-                mean, log_std = mean[:, :1], (None if log_std is None else log_std[:, :1])
+            mean, log_std = self.net.infer(x, with_std, INFERENCE_DTYPES[self.config.inference_dtype])
             return mean, (torch.exp(log_std) * self.norm["out_std"] if with_std else None)
 
     @torch.inference_mode()
