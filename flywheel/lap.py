@@ -105,6 +105,7 @@ class LapContext:
     lap: int
     say: Callable[[str], None] = print
     tracker: Any = None
+    check_stop: Callable[[], None] = lambda: None   # raises when a stop signal came (between stages)
 
     def wm_path(self, lap: int | None) -> Path:
         """World model after lap ``lap``'s retrain (``None`` or < 0: the seed model of lap 0)."""
@@ -182,6 +183,7 @@ def run_lap(ctx: LapContext, parts: LapParts, progress: Callable[[str], None] = 
     def stage(name: str, body: Callable[[], dict]) -> None:
         if name in rec.stages:
             return
+        ctx.check_stop()
         progress(f"lap {ctx.lap}/{ctx.cfg.laps - 1} | {name}")
         t0 = time.time()
         try:
@@ -192,6 +194,7 @@ def run_lap(ctx: LapContext, parts: LapParts, progress: Callable[[str], None] = 
         rec.metrics.update(metrics)
         rec.stages.append(name)
         rec.save(ctx.record_path)
+        ctx.check_stop()              # a signal whose exception was lost (raised inside a GC callback) stops here
 
     if ctx.lap == 0:
         stage("seed", lambda: stages.seed(ctx, parts))

@@ -61,6 +61,7 @@ class Orchestrator:
         self.store = TrajectoryStore(self.run_dir / "store")
         self.tracker: Tracker | None = None
         self.failure_recorded = False   # error.txt and the MLflow tag hold this run's failure
+        self.signals = stop_on_signals()
 
     # -- creating and resuming -----------------------------------------------------------------
     @classmethod
@@ -117,7 +118,7 @@ class Orchestrator:
         """Run (or finish) every lap; returns the per-lap metric rows. The MLflow run ends as it really ended."""
         self.tracker = Tracker.open(self.cfg, self.run_dir, run_name=self.run_name, parent_run_id=self.parent_run_id)
         self.banner("start")
-        signals = stop_on_signals()
+        signals = self.signals = stop_on_signals()
         try:
             self.store.verify()                           # a resumed run's shards, before any stage relies on them
             self.parts.start(self.cfg)
@@ -160,7 +161,7 @@ class Orchestrator:
 
     def context(self, lap: int) -> LapContext:
         return LapContext(self.cfg, self.run_dir, self.store, lap, say=lambda m: self.say(f"  lap {lap} | {m}"),
-                          tracker=self.tracker)
+                          tracker=self.tracker, check_stop=self.signals.check)
 
     def run_lap(self, lap: int) -> LapRecord:
         return run_lap(self.context(lap), self.parts, progress=self.say)
@@ -192,6 +193,12 @@ class stop_on_signals:
     def _raise(self, signum, frame) -> None:
         self.received = signum
         raise RunStopped(signum)
+
+    def check(self) -> None:
+        """Raise ``RunStopped`` if a signal came: Python drops a handler's exception raised inside a GC callback
+        or a ``__del__`` (JAX registers one), so the lap also checks between stages."""
+        if self.received is not None:
+            raise RunStopped(self.received)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.saved.items():

@@ -228,7 +228,7 @@ def log(ctx: LapContext, rec: LapRecord) -> dict:
 def lap_costs(ctx: LapContext, m: dict) -> dict:
     """What a useful trajectory cost this lap, the reality transitions spent so far, and the sim-to-real gap."""
     selected = m.get("data/selected_trajectories", 0)
-    spent = ctx.cfg.reality.seed_steps if ctx.lap == 0 else 0
+    spent = m.get("data/seed_transitions", ctx.cfg.reality.seed_steps) if ctx.lap == 0 else 0   # whole episodes
     spent += m.get("data/reality_transitions", 0)
     previous = previous_metrics(ctx)
     sim, real = m.get("self_play/success_rate", np.nan), m.get("capability/success_rate", np.nan)

@@ -7,6 +7,7 @@ of the loop itself are exercised in seconds.
 """
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -57,6 +58,15 @@ class FakeTrainer:
         budget = env_steps
         ctx = self.ctx
         self.calls["self_play"] += 1
+        if self.calls.get("swallowed_at") == ctx.lap:          # the signal lands in a GC callback (as JAX's):
+            def in_gc(phase, info):                             # Python reports its exception and drops it
+                if phase == "start":
+                    gc.callbacks.remove(in_gc)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(2)
+
+            gc.callbacks.append(in_gc)
+            gc.collect()
         if self.calls["signal_at"] == ctx.lap:
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -189,6 +199,19 @@ def test_resume_refuses_a_changed_shard_before_any_stage_runs(tmp_path, fakes):
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]   # nothing ran
     state, tags = status(resumed)
     assert state == "FAILED" and "lap_000/seed.npz (lap 0, seed) has changed" in tags["flywheel.error"]
+
+
+def test_a_sigterm_whose_exception_python_dropped_stops_the_run_after_that_stage(tmp_path, fakes):
+    fakes["swallowed_at"] = 0
+    orch = make(tmp_path, fakes)
+    with pytest.raises(RunStopped, match="SIGTERM"):
+        orch.run()
+    assert status(orch)[0] == "KILLED" and status(orch)[1]["flywheel.stopped"] == "stopped by SIGTERM"
+    record = json.loads((tmp_path / "run/laps/lap_000/metrics.json").read_text())
+    assert record["stages"] == ["seed", "self_play"]           # the stage it came in finished and was kept
+    fakes["swallowed_at"] = None
+    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+    assert [r["lap"] for r in resumed.run()] == [0, 1, 2] and fakes["self_play"] == 3
 
 
 def test_sigterm_turned_into_a_plain_interrupt_by_a_library_is_still_named_sigterm(tmp_path, fakes):
@@ -416,3 +439,10 @@ def test_a_corrupt_world_model_is_named_before_any_server_starts(tmp_path):
         with ray_servers(ctx):
             pass
     assert not ray.is_initialized()
+
+
+def test_reality_spent_counts_the_seed_transitions_collected_not_the_ones_asked_for(tmp_path, fakes):
+    make(tmp_path, fakes, "laps=1", "reality.seed_steps=450").run()    # whole episodes: more than asked
+    lap0 = json.loads((tmp_path / "run/laps/lap_000/metrics.json").read_text())["metrics"]
+    assert lap0["data/seed_transitions"] > 450
+    assert lap0["reality/transitions_total"] == lap0["data/seed_transitions"] + lap0.get("data/reality_transitions", 0)
