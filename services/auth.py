@@ -50,9 +50,19 @@ def load_token(token_file: str | None = None, environ: dict | None = None) -> st
     env = os.environ if environ is None else environ
     path = token_file or env.get(TOKEN_FILE_ENV)
     if path:
-        return read_secret(path, "token file" if token_file else f"token file ${TOKEN_FILE_ENV}")
+        where = f"token file {path}" if token_file else f"token file ${TOKEN_FILE_ENV} ({path})"
+        return check_token(read_secret(path, "token file" if token_file else f"token file ${TOKEN_FILE_ENV}"), where)
     token = env.get(TOKEN_ENV, "").strip()
-    return token or None
+    return check_token(token, f"${TOKEN_ENV}") if token else None
+
+
+def check_token(token: str, where: str) -> str:
+    """A token gRPC metadata can carry: one word of printable ASCII (no spaces, no line breaks)."""
+    bad = sorted({c for c in token if not 0x21 <= ord(c) <= 0x7E})
+    if bad:
+        raise AuthError(f"the {where} holds characters a token cannot have ({', '.join(repr(c) for c in bad[:5])}); "
+                        "a token is one line of printable ASCII without spaces")
+    return token
 
 
 def group_readable(path: str | os.PathLike) -> bool:
@@ -171,8 +181,8 @@ class ClientCredentials:
     def resolved_token(self) -> str | None:
         """The token to send (read from ``token_file`` when that is given)."""
         if self.token_file:
-            return read_secret(self.token_file)
-        return self.token.strip() if self.token else None
+            return check_token(read_secret(self.token_file), f"token file {self.token_file}")
+        return check_token(self.token.strip(), "token") if self.token and self.token.strip() else None
 
     def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:
         """A TLS channel when ``root_cert`` is set, else a plaintext one."""

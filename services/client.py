@@ -22,7 +22,8 @@ A server with a token wants it on every call: ``token=``/``token_file=`` or ``$F
 ``$FLYWHEEL_TOKEN_FILE``; a TLS server wants the CA of its certificate: ``tls_root_cert=`` or
 ``$FLYWHEEL_TLS_ROOT_CERT`` (all of it in ``credentials=services.auth.ClientCredentials(...)``).
 Sessions are leases: one left without a call for the server's ``session_idle_s`` (``info.idle_timeout_s``)
-is closed by the server.
+is closed by the server, and one never called within ``min(idle_timeout_s, 30 s)`` of its creation too (reset
+a session soon after creating it).
 """
 
 from __future__ import annotations
@@ -96,8 +97,14 @@ _ERRORS = {
 }
 
 
+MAX_MESSAGE_MB = 2047   # gRPC's message limits are C ints: under 2 GiB
+
+
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    """Explicit send/receive limits (the 4 MiB default caps a batch)."""
+    """Explicit send/receive limits (the 4 MiB default caps a batch); ``max_message_mb`` in [1, 2047]."""
+    if not 1 <= int(max_message_mb) <= MAX_MESSAGE_MB:
+        raise ValueError(f"max_message_mb must be in [1, {MAX_MESSAGE_MB}] (gRPC's limit is under 2 GiB), "
+                         f"got {max_message_mb!r}")
     size = int(max_message_mb) * 1024 * 1024
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 

@@ -58,6 +58,12 @@ class ServerConfig:
                      "max_sessions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.max_message_mb) > 2047:
+            raise ValueError(f"ServerConfig.max_message_mb must be in [1, 2047] (gRPC's limit is under 2 GiB), "
+                             f"got {self.max_message_mb!r}")
+        if not 0 <= int(self.episode_offset) <= 2**62:
+            raise ValueError(f"ServerConfig.episode_offset must be in [0, 2**62] (episode ids are int64 and each "
+                             f"session takes a block above it), got {self.episode_offset!r}")
         for name in ("lap", "episode_offset", "torch_threads", "max_restarts", "idle_engines"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")

@@ -97,6 +97,10 @@ class Leases:
         if why == "expired":
             return ServiceError("NOT_FOUND", f"session {session_id!r} expired: no call for {self.idle_s:g} s "
                                 "(the server's session_idle_s); create a new one")
+        if why == "unclaimed":
+            return ServiceError("NOT_FOUND", f"session {session_id!r} expired: it had no call within "
+                                f"{min(self.idle_s, CLAIM_S):g} s of its creation (a new session's first call must "
+                                "come within min(session_idle_s, 30 s)); create a new one and reset it at once")
         if why:
             return ServiceError("NOT_FOUND", f"session {session_id!r} is closed; create a new one")
         return ServiceError("NOT_FOUND", f"unknown session {session_id!r}; create one with CreateSession")
@@ -126,7 +130,7 @@ class Leases:
             self._closed[session.id] = (why, answer)
             while len(self._closed) > self.kept:
                 self._closed.popitem(last=False)
-            self.counts["expired" if why == "expired" else "closed"] += 1
+            self.counts["expired" if why in ("expired", "unclaimed") else "closed"] += 1
         return answer
 
     def reap(self) -> int:
@@ -138,7 +142,7 @@ class Leases:
                      now - lease.last_used > (self.idle_s if lease.claimed else unclaimed)]
             leases = [self._open.pop(sid) for sid in stale]
         for lease in leases:
-            self._finish(lease.session, "expired")
+            self._finish(lease.session, "expired" if lease.claimed else "unclaimed")
         return len(leases)
 
     def close_all(self) -> list:

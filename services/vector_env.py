@@ -266,8 +266,8 @@ class RemoteVectorEnv(SimulatorVectorEnv):
     def _reset(self, seed: int | list[int] | None) -> np.ndarray:
         try:
             obs = self.session.reset(seed)
-        except NotFound:
-            self._recreate()
+        except NotFound as exc:
+            self._recreate(exc)
             obs = self.session.reset(seed)
         self._current = np.asarray(obs, np.float32)
         return obs
@@ -275,8 +275,8 @@ class RemoteVectorEnv(SimulatorVectorEnv):
     def _step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
         try:
             out = self.session.step(actions, hold)      # blocking: no thread of gRPC's per call, as a future needs
-        except NotFound:
-            return self._truncated(hold)
+        except NotFound as exc:
+            return self._truncated(hold, exc)
         self._current = out.observations
         return out
 
@@ -287,8 +287,8 @@ class RemoteVectorEnv(SimulatorVectorEnv):
         pending, hold = token
         try:
             out = pending.result()
-        except NotFound:
-            return self._truncated(hold)
+        except NotFound as exc:
+            return self._truncated(hold, exc)
         self._current = out.observations
         return out
 
@@ -298,15 +298,15 @@ class RemoteVectorEnv(SimulatorVectorEnv):
             with contextlib.suppress(SimulatorError):   # the reset that follows decides whether the session lives
                 pending.result()
 
-    def _recreate(self) -> None:
+    def _recreate(self, why: NotFound) -> None:
         lost = self.session.id
         self.session.recreate()
-        log.warning("simulator session %s at %s is gone (the server restarted?); continuing in session %s",
-                    lost, self.client.address, self.session.id)
+        log.warning("simulator session %s at %s is gone (%s); continuing in session %s", lost, self.client.address,
+                    why.details, self.session.id)
 
-    def _truncated(self, hold: np.ndarray | None) -> StepReply:
+    def _truncated(self, hold: np.ndarray | None, why: NotFound) -> StepReply:
         """Continue in a new session: the step never ran, running episodes end truncated at their last observation."""
-        self._recreate()
+        self._recreate(why)
         obs = np.asarray(self.session.reset(None), np.float32)
         live = np.ones(self.num_envs, bool) if hold is None else ~np.asarray(hold, bool)
         final = np.where(live[:, None], self._current, obs).astype(np.float32)

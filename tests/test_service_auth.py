@@ -195,3 +195,16 @@ def test_load_world_model_only_by_version_from_the_model_directory(tmp_path):
         assert client.load_world_model(inside.version) == inside.version
         assert client.create_session(TASK, 2).info.wm_version == inside.version
     assert os.path.exists(outside / "x.pt")
+
+
+def test_a_token_that_grpc_metadata_cannot_carry_is_refused_naming_the_file(tmp_path):
+    from services.auth import ClientCredentials, load_token
+
+    two_lines = write_secret(tmp_path / "token", "line-one\nline-two")
+    with pytest.raises(AuthError, match=rf"token file {two_lines} holds characters a token cannot have \('\\n'\)"):
+        load_token(two_lines)
+    with pytest.raises(AuthError, match=r"holds characters a token cannot have \(' '\)"):
+        ClientCredentials(token="two words").resolved_token()
+    with pytest.raises(AuthError, match=r"\$FLYWHEEL_TOKEN holds characters"):
+        load_token(environ={"FLYWHEEL_TOKEN": "caf\u00e9"})
+    assert load_token(write_secret(tmp_path / "ok", "  s3cret-token  \n")) == "s3cret-token"

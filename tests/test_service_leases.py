@@ -173,3 +173,26 @@ def test_admission_is_counted_under_the_lock_and_closed_answers_are_bounded():
     with pytest.raises(ServiceError, match="unknown session 's0'"):   # forgotten beyond the bound
         with table.use("s0"):
             pass
+
+
+def test_a_session_never_called_expires_sooner_and_is_told_apart(monkeypatch):
+    import services.leases as leases
+
+    monkeypatch.setattr(leases, "CLAIM_S", 0.05)
+    table = Leases(max_sessions=4, idle_s=0.3, close=lambda s: f"closed {s.id}")
+    for sid in ("never", "used"):
+        with table.reserve():
+            table.add(SimpleNamespace(id=sid))
+    with table.use("used"):
+        pass
+    time.sleep(0.1)
+    assert table.reap() == 1                                     # only the unclaimed one, after CLAIM_S
+    with pytest.raises(ServiceError, match=r"'never' expired: it had no call within 0\.05 s of its creation"):
+        with table.use("never"):
+            pass
+    time.sleep(0.3)
+    assert table.reap() == 1
+    with pytest.raises(ServiceError, match=r"'used' expired: no call for 0\.3 s \(the server's session_idle_s\)"):
+        with table.use("used"):
+            pass
+    assert table.counts["expired"] == 2

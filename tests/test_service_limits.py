@@ -139,3 +139,15 @@ def test_imagine_and_verify_share_the_stream_slots_so_a_probe_always_finds_a_thr
             assert imagined.shape == (2, 3, 2)
         report = proc.stop()
     assert report["long_calls_refused"] == 2 and report["streams_refused"] == 0
+
+
+def test_message_limits_beyond_what_grpc_holds_are_refused_in_one_line():
+    from services.client import channel_options
+
+    with pytest.raises(ValueError, match=r"ServerConfig.max_message_mb must be in \[1, 2047\].*got 2048"):
+        ServerConfig(max_message_mb=2048).validate()
+    with pytest.raises(ValueError, match=r"max_message_mb must be in \[1, 2047\].*got 4096"):
+        SimulatorClient("127.0.0.1:1", max_message_mb=4096)
+    assert dict(channel_options(2047))["grpc.max_send_message_length"] == 2047 * 2**20
+    with pytest.raises(ValueError, match=r"episode_offset must be in \[0, 2\*\*62\]"):
+        ServerConfig(episode_offset=2**63 - 1000).validate()
