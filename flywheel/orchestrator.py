@@ -120,7 +120,7 @@ class Orchestrator:
         self.banner("start")
         signals = self.signals = stop_on_signals()
         try:
-            self.store.verify()                           # a resumed run's shards, before any stage relies on them
+            self.store.verify(self.expected_shards())      # a resumed run's shards, before any stage relies on them
             self.parts.start(self.cfg)
             with signals:                                 # installed after Ray's own handler, replacing it
                 for lap in range(self.cfg.laps):
@@ -143,6 +143,20 @@ class Orchestrator:
         self.say("\n" + format_table(rows))
         self.banner("end")
         return rows
+
+    def expected_shards(self) -> dict[tuple[int, str], str]:
+        """The (lap, kind) shards the finished stages of this run wrote, each with the stage that wrote it."""
+        expected = {}
+        for lap in range(self.cfg.laps):
+            path = self.run_dir / "laps" / f"lap_{lap:03d}" / "metrics.json"
+            rec = LapRecord.load(path, lap)
+            if "seed" in rec.stages:
+                expected[(lap, "seed")] = f"lap {lap}'s seed stage finished ({path})"
+            if "reality" in rec.stages:
+                expected[(lap, "reality")] = f"lap {lap}'s reality stage finished ({path})"
+            if "select" in rec.stages and rec.metrics.get("data/selected_trajectories", 0) > 0:
+                expected[(lap, "selected")] = f"lap {lap}'s select stage stored episodes ({path})"
+        return expected
 
     def record_failure(self, exc: BaseException) -> None:
         """FAILED on MLflow, with the one-line cause as a tag and the traceback as an artifact and a file."""

@@ -105,12 +105,17 @@ class TrajectoryStore:
         parts = [TransitionDataset.load(self.root / r.path) for r in rows]
         return TransitionDataset.concat(parts) if parts else None
 
-    def verify(self) -> None:
-        """Check every shard the manifest vouches for: present, and the bytes its lap wrote (sha256).
+    def verify(self, expected: dict[tuple[int, str], str] | None = None) -> None:
+        """Check every shard the manifest vouches for: present, and the bytes its lap wrote (sha256); and that
+        each ``expected`` (lap, kind) is listed (the value says why it must be: a finished stage).
 
         Raises ``ValueError`` naming each bad shard, its lap and kind, and what is wrong with it.
         """
-        problems = [p for p in map(self._problem, self.entries()) if p]
+        entries = self.entries()
+        listed = {(r.lap, r.kind) for r in entries}
+        problems = [f"lap {lap}'s {kind} shard is not in the manifest {self.manifest_path} although {why}"
+                    for (lap, kind), why in sorted((expected or {}).items()) if (lap, kind) not in listed]
+        problems += [p for p in map(self._problem, entries) if p]
         if problems:
             raise ValueError(f"trajectory store {self.root}: {len(problems)} shard(s) are not what their lap wrote: "
                              + "; ".join(problems))

@@ -38,6 +38,15 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         grid[key.strip()] = vals
     if not grid:
         raise ConfigError("a sweep needs at least one --grid key=v1,v2,...")
+    return check_grid(grid)
+
+
+def check_grid(grid: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A grid whose values are distinct per key (a repeated value would plan two runs into one directory)."""
+    for key, vals in grid.items():
+        repeated = sorted({v for v in vals if vals.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"grid key {key} repeats the value(s) {', '.join(repeated)}; allowed: distinct values")
     return grid
 
 
@@ -50,7 +59,7 @@ def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int | 
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep file {path}; allowed: overrides, grid, seeds, "
                           f"ablations")
-    grid = {str(k): [str(v) for v in vals] for k, vals in (data.get("grid") or {}).items()}
+    grid = check_grid({str(k): [str(v) for v in vals] for k, vals in (data.get("grid") or {}).items()})
     return ([str(o) for o in data.get("overrides") or []], grid, parse_seeds(data.get("seeds", 1)),
             bool(data.get("ablations", False)))
 

@@ -114,17 +114,19 @@ def write_sweep_report(sweep_dir: str | Path, say: Callable[[str], None] = print
 
 
 def log_summary(parent, sweep_dir: Path) -> None:
-    """Per-setting mean capability per lap on the parent run (``sweep/<setting>/<metric>``, step = lap)."""
+    """Per-setting mean capability per lap on the parent run (``sweep/<setting>/<metric>``, step = lap); a sweep
+    continued with more runs logs its new means over the old ones."""
     runs = children(sweep_dir)
     labels = {r["setting"]: r["label"] for r in runs}
     for key in PLOTTED[:1] + ("capability/return",):
         for s in sweep_summary(runs, key):
             name = f"sweep/{_slug(labels[s['setting']])}/{key.split('/')[-1]}"
             for lap, value in zip(s["laps"], s["mean"]):
-                parent.log_metrics({name: float(value)}, step=int(lap))
+                parent.log_metrics({name: float(value)}, step=int(lap), replace=True)
     for c in compounding(runs):
         for r in c["rows"]:
-            parent.log_metrics({f"sweep/{_slug(c['setting'])}/compounding": float(r["mean"])}, step=int(r["lap"]))
+            parent.log_metrics({f"sweep/{_slug(c['setting'])}/compounding": float(r["mean"])}, step=int(r["lap"]),
+                               replace=True)
 
 
 def _slug(text: str) -> str:

@@ -110,6 +110,13 @@ class Tracker:
         if saved.exists():
             info = check_tracked_at(run_dir, uri)
             client.update_run(info["run_id"], status="RUNNING")
+            tags = client.get_run(info["run_id"]).data.tags
+            ended = [tags[k] for k in ("flywheel.error", "flywheel.stopped") if k in tags]
+            if ended:                                  # the run is running again: its last end is history
+                client.set_tag(info["run_id"], "flywheel.resumed_after", "; ".join(ended)[:5000])
+                for key in ("flywheel.error", "flywheel.stopped"):
+                    if key in tags:
+                        client.delete_tag(info["run_id"], key)
             return cls(uri, info["experiment"], info["run_id"])
         exp_id = experiment_id(client, cfg.tracking.experiment, cfg.runs_root)
         all_tags = {"flywheel.run_dir": str(run_dir.resolve()), "flywheel.task": cfg.task, **(tags or {})}
@@ -137,11 +144,12 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i: i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> int:
-        """Log metrics at ``step``, skipping keys already logged at that step (a resumed stage logs nothing twice)."""
+    def log_metrics(self, metrics: dict[str, float], step: int, replace: bool = False) -> int:
+        """Log metrics at ``step``, skipping keys already logged at that step (a resumed stage logs nothing twice);
+        ``replace``: log them anyway, a later value at the same step being MLflow's latest (a recomputed summary)."""
         from mlflow.entities import Metric
 
-        logged = self.client.get_run(self.run_id).data.metrics
+        logged = {} if replace else self.client.get_run(self.run_id).data.metrics
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():

@@ -161,6 +161,8 @@ def test_failed_stage_marks_run_failed_with_its_error_and_resume_finishes_it_onc
     rows = resumed.run()
     assert resumed.tracker.run_id == run_id
     assert resumed.tracker.client.get_run(run_id).info.status == "FINISHED"
+    tags = resumed.tracker.client.get_run(run_id).data.tags           # the old failure is history, not the state
+    assert "flywheel.error" not in tags and tags["flywheel.resumed_after"] == "lap 1 evaluate failed: Boom: reality went away"
     assert fakes["self_play"] == 3 and fakes["evaluate"] == 1 + 1 + 2   # lap 1's self-play was not redone
     assert fakes["restored"] == ["policy_lap000", "policy_lap001"]      # every lap starts from the last one
     carried = [json.loads((run_dir / f"laps/lap_{k:03d}/policy.json").read_text()) for k in range(3)]
@@ -329,6 +331,8 @@ def test_sweep_seeds_are_the_users_own(tmp_path, fakes):
     for bad in ("0", "a,b", "5,5", "-1,2"):
         with pytest.raises(ConfigError, match="--seeds"):
             sweeps.parse_seeds(bad)
+    with pytest.raises(ConfigError, match="grid key simulator.fidelity repeats the value.s. 0; allowed: distinct"):
+        sweeps.parse_grid(["simulator.fidelity=0,0.5,0"])
     with pytest.raises(ConfigError, match="'seed' is a --grid axis and --seeds is given too"):
         sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["seed=1,2"]), 2, tmp_path / "both")
     sweep_dir = sweeps.run_sweep([*TINY, "laps=1", f"runs_root={tmp_path}"], sweeps.parse_grid(["seed=1000,2000"]),
@@ -446,3 +450,17 @@ def test_reality_spent_counts_the_seed_transitions_collected_not_the_ones_asked_
     lap0 = json.loads((tmp_path / "run/laps/lap_000/metrics.json").read_text())["metrics"]
     assert lap0["data/seed_transitions"] > 450
     assert lap0["reality/transitions_total"] == lap0["data/seed_transitions"] + lap0.get("data/reality_transitions", 0)
+
+
+def test_a_lost_store_manifest_stops_the_resumed_run_before_any_stage(tmp_path, fakes):
+    fakes["fail_at"] = 1
+    with pytest.raises(Exception, match="lap 1 evaluate failed"):
+        make(tmp_path, fakes).run()
+    fakes["fail_at"] = None
+    (tmp_path / "run" / "store" / "manifest.json").unlink()
+    before = dict(fakes)
+    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+    with pytest.raises(ValueError, match=r"lap 0's seed shard is not in the manifest .*/store/manifest.json although "
+                                         r"lap 0's seed stage finished .*lap 1's select stage stored episodes"):
+        resumed.run()
+    assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]

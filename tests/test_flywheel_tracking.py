@@ -29,6 +29,10 @@ def test_run_is_reopened_not_duplicated_and_metrics_are_logged_once(tmp_path):
     assert [a.path for a in again.client.list_artifacts(again.run_id, "config")] == ["config/resolved.yaml"]
     runs = again.client.search_runs([run.info.experiment_id])
     assert len(runs) == 1
+    again.log_metrics({"sweep/x": 1.0}, step=0)                 # a summary recomputed later replaces its value
+    again.log_metrics({"sweep/x": 2.0}, step=0, replace=True)
+    again.log_metrics({"sweep/x": 3.0}, step=0)                 # (a plain log at a logged step is skipped)
+    assert again.client.get_run(again.run_id).data.metrics["sweep/x"] == 2.0
 
 
 def test_sweep_children_point_at_parent(tmp_path):
