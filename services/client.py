@@ -285,6 +285,7 @@ class Session:
         self._streaming = False
         self._pending: PendingStep | None = None   # a step_start not yet answered
         self._abandoned = 0                          # the sequence number of a cancelled step (0: none)
+        self._unanswered: tuple[str, object] | None = None   # a numbered call that got no answer: (method, request)
 
     def recreate(self) -> SessionInfo:
         """Open a new server-side session with this one's settings (after the server lost it, e.g. it restarted).
@@ -305,7 +306,7 @@ class Session:
         if self._pending is not None:           # its answer belongs to the lost session
             self._pending.cancel()
         self.info, self.id, self.recreated, self._seq = info, info.session_id, self.recreated + 1, 0
-        self._abandoned = 0
+        self._abandoned, self._unanswered = 0, None
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -314,8 +315,11 @@ class Session:
     def reset(self, seed: int | list[int] | None = None) -> np.ndarray:
         """Reset every env (re-seeded when ``seed`` is given: an int, or one per env); returns observations ``[B, O]``.
 
-        ``episode_ids`` then holds the episode each env starts.
+        ``episode_ids`` then holds the episode each env starts. After a call that got no answer, a reset first
+        settles it (``retry``: its sequence number is used up), then resets.
         """
+        if self._unanswered is not None:
+            self.retry()
         request = pb.ResetRequest(session_id=self.id, seq=self._seq + 1)
         if isinstance(seed, (list, tuple, np.ndarray)):
             request.seeds.extend(int(s) for s in seed)
@@ -326,8 +330,24 @@ class Session:
         return decode(r.observations)
 
     def step(self, actions: np.ndarray, hold: np.ndarray | None = None) -> StepReply:
-        """Step every env with ``actions [B, A]`` (float32 on the wire); envs flagged in ``hold [B]`` stay put."""
+        """Step every env with ``actions [B, A]`` (float32 on the wire); envs flagged in ``hold [B]`` stay put.
+
+        A step whose answer did not come (deadline, server unreachable) may have run on the server: a step with
+        other actions is refused until ``retry()`` (or the same step again) got its answer, or ``reset`` settled it.
+        """
         return StepReply.from_proto(self._sequenced("Step", self._step_request(actions, hold)))
+
+    def retry(self):
+        """Send again the numbered call that got no answer: the server answers from its cache if it ran, else runs
+        it now. Returns what that ``step`` (a ``StepReply``) or ``reset`` (observations) would have returned."""
+        if self._unanswered is None:
+            raise RuntimeError(f"session {self.id} has no call waiting for an answer")
+        method, request = self._unanswered
+        r = self._sequenced(method, request)
+        if method == "Step":
+            return StepReply.from_proto(r)
+        self.episode_ids = decode(r.episode_ids) if r.episode_ids.dtype else None
+        return decode(r.observations)
 
     def step_start(self, actions: np.ndarray, hold: np.ndarray | None = None) -> PendingStep:
         """``step`` without waiting: the call is on its way when this returns; ``.result()`` is its ``StepReply``.
@@ -363,12 +383,22 @@ class Session:
         After an ambiguous failure (deadline, unavailable) repeat the same request: the server
         either runs it or answers it from its cache.
         """
-        if self._streaming and method == "Step":
-            stream = self._open_stream()
-            response = stream.send(request)
-            self._stream_answered(stream)
-        else:
-            response = self.client.call(method, request)
+        if self._unanswered is not None and (self._unanswered[0], self._unanswered[1].SerializeToString()) != \
+                (method, request.SerializeToString()):           # the same request again is a retry
+            kept_method, kept = self._unanswered
+            raise RuntimeError(f"session {self.id}: {kept_method} {kept.seq} got no answer and may have run on the "
+                               "server; call retry() for its answer (or repeat that call), or reset()")
+        try:
+            if self._streaming and method == "Step":
+                stream = self._open_stream()
+                response = stream.send(request)
+                self._stream_answered(stream)
+            else:
+                response = self.client.call(method, request)
+        except (DeadlineExceeded, Unavailable):
+            self._unanswered = (method, request)
+            raise
+        self._unanswered = None
         self._seq = request.seq
         return response
 

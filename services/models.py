@@ -36,11 +36,14 @@ def check_version(version: str) -> str:
 
 
 class ModelStore:
-    """The server's world models keyed by version; ``current`` is what new sessions get by default."""
+    """The server's world models keyed by version; each task's current model is what its new sessions get by
+    default (loading a model of another task leaves the server's own task served as it was)."""
 
     def __init__(self, config: ServerConfig, world_model=None):
         self.config = config
         self._models: OrderedDict = OrderedDict()
+        self._current: dict[str, str] = {}          # task -> version
+        self._names: dict[str, str] = {}            # a name loaded from the model directory -> its version
         self._lock = threading.Lock()
         self._verifiers: dict[str, tuple] = {}
         if world_model is None and config.world_model_path:
@@ -67,24 +70,49 @@ class ModelStore:
             raise ServiceError("NOT_FOUND", f"no world-model file at {path}")
         return WorldModel.load(path)
 
-    def _add(self, wm) -> None:
+    @property
+    def current(self) -> str:
+        """The version new sessions of the server's task get."""
+        with self._lock:
+            return self._current.get(self.config.task) or next(reversed(self._models))
+
+    def current_for(self, task: str):
+        """The current model of ``task``, or None."""
+        with self._lock:
+            version = self._current.get(task)
+            return None if version is None else self._models.get(version)
+
+    def _add(self, wm, name: str = "") -> None:
         with self._lock:
             self._models[wm.version] = wm
             self._models.move_to_end(wm.version)
-            self.current = wm.version
-            while len(self._models) > MAX_MODELS:
-                self._models.popitem(last=False)
+            self._current[wm.task.name] = wm.version
+            if name:
+                self._names[name] = wm.version
+            kept = set(self._current.values())
+            for old in [v for v in self._models if v not in kept][:max(0, len(self._models) - MAX_MODELS)]:
+                del self._models[old]
+            self._names = {k: v for k, v in self._names.items() if v in self._models}
 
     def get(self, version: str = "", task: str | None = None):
         """The model of ``version`` (empty = current), checked against ``task`` when given."""
         with self._lock:
-            wm = self._models.get(version or self.current)
+            if version:
+                wm = self._models.get(self._names.get(version, version))
+            else:
+                wm = self._models.get(self._current.get(task or self.config.task, ""))
+                if wm is None:
+                    raise ServiceError("FAILED_PRECONDITION", f"no world model of task {task!r} is loaded (loaded: "
+                                       f"{self._loaded()}); load a {task} model with LoadWorldModel")
         if wm is None:
-            raise ServiceError("NOT_FOUND", f"unknown world-model version {version[:64]!r}; loaded: {sorted(self._models)}")
+            raise ServiceError("NOT_FOUND", f"unknown world-model version {version[:64]!r}; loaded: {self._loaded()}")
         if task is not None and wm.task.name != task:
-            raise ServiceError("INVALID_ARGUMENT", f"world model {wm.version} is for task {wm.task.name!r}, "
+            raise ServiceError("FAILED_PRECONDITION", f"world model {wm.version} is for task {wm.task.name!r}, "
                                f"not {task!r}; load a {task} model with LoadWorldModel")
         return wm
+
+    def _loaded(self) -> str:
+        return ", ".join(f"{v} ({wm.task.name})" for v, wm in self._models.items()) or "none"
 
     def load(self, version: str = "", path: str = ""):
         """Make a version (already loaded, or ``<world_model_dir>/<version>.pt``) the current model."""
@@ -95,10 +123,11 @@ class ModelStore:
             raise ServiceError("INVALID_ARGUMENT", "LoadWorldModel needs a version")
         check_version(version)
         with self._lock:
-            wm = self._models.get(version)
+            wm = self._models.get(self._names.get(version, version))
+        named = ""
         if wm is None:
-            wm = self._from_directory(version)
-        self._add(wm)
+            wm, named = self._from_directory(version), version
+        self._add(wm, named)
         log.info("serving world model %s for new sessions", wm.version)
         return wm
 

@@ -275,8 +275,8 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         start = decode_float(request.states, "states", (None, s))
         actions = decode_float(request.actions, "actions", (len(start), None, a))
         nxt = decode_float(request.next_states, "next_states", (len(start), actions.shape[1], s), finite=False)
-        wm = self.models.get()  # the residual's scale: the world model's where it is of this task, else the task's data scale
-        scale = wm.state_scale if wm.task.name == engine.task.name else data_scale(engine.task, self.config.engine_params or None)
+        wm = self.models.current_for(engine.task.name)   # the residual's scale: this task's model's, else the data scale
+        scale = wm.state_scale if wm is not None else data_scale(engine.task, self.config.engine_params or None)
         parts = []
         for lo, hi in list(chunks(len(start), CHUNK_ELEMENTS // max(1, actions.shape[1] * s))) or [(0, 0)]:
             ensure_active(context, "Verify")
@@ -285,7 +285,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         report = {k: np.concatenate([p[k] for p in parts]) if parts[0][k].ndim else parts[0][k] for k in parts[0]}
         report["scale"] = np.asarray(scale, dtype=np.float64)
         return pb.VerifyResponse(report={k: encode(v.astype(np.float32) if v.dtype.kind == "f" else v)
-                                         for k, v in report.items()}, wm_version=self.models.current)
+                                         for k, v in report.items()}, wm_version=wm.version if wm is not None else "")
 
     @_rpc
     def LoadWorldModel(self, request, context):

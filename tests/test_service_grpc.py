@@ -106,8 +106,10 @@ def test_bad_inputs_get_status_and_message(served):
             client.create_session(TASK, B, fidelity=1.5)
         with pytest.raises(InvalidArgument, match="unknown task 'walker'; valid tasks"):
             client.create_session("walker", B)
-        with pytest.raises(InvalidArgument, match="is for task 'pendulum', not 'cartpole'"):
+        with pytest.raises(FailedPrecondition, match="no world model of task 'cartpole' is loaded .loaded: wm-"):
             client.create_session("cartpole", B)
+        with pytest.raises(FailedPrecondition, match="is for task 'pendulum', not 'cartpole'"):
+            client.create_session("cartpole", B, world_model_version=WorldModel.load(served["wm_path"]).version)
         with pytest.raises(InvalidArgument, match=r"unknown reward weight\(s\) \['speed'\]"):
             client.create_session(TASK, B, reward_weights={"speed": 1.0})
         with pytest.raises(NotFound, match="unknown world-model version 'wm-missing'"):
@@ -224,6 +226,15 @@ def test_load_world_model_changes_new_sessions_version(served):
         assert client.create_session(TASK, 2).info.wm_version == third.version
         with pytest.raises(NotFound, match="world-model version 'wm-absent' is neither loaded"):
             client.load_world_model(version="wm-absent")
+        named = tiny_wm(seed=3)
+        named.save(served["root"] / "models" / "pendulum-best.pt")         # a file name that is not its version
+        assert client.load_world_model("pendulum-best") == named.version
+        assert client.create_session(TASK, 2, world_model_version="pendulum-best").info.wm_version == named.version
+        cart = WorldModel("cartpole", 4, 1, TINY)
+        cart.save(served["root"] / "models" / "cartpole.pt")              # another task's model: served beside
+        assert client.load_world_model("cartpole") == cart.version
+        assert client.create_session(TASK, 2).info.wm_version == named.version   # the server's task is unchanged
+        assert client.create_session("cartpole", 2).info.wm_version == cart.version
         client.load_world_model(version=before.info.wm_version)   # back to the first for the other tests
         for s in (before, after):
             s.close()

@@ -151,3 +151,24 @@ def test_message_limits_beyond_what_grpc_holds_are_refused_in_one_line():
     assert dict(channel_options(2047))["grpc.max_send_message_length"] == 2047 * 2**20
     with pytest.raises(ValueError, match=r"episode_offset must be in \[0, 2\*\*62\]"):
         ServerConfig(episode_offset=2**63 - 1000).validate()
+
+
+def test_a_step_that_got_no_answer_is_settled_by_retry_before_another():
+    with ServerProcess(ServerConfig(task=TASK, engine="mujoco")) as proc:
+        with SimulatorClient(proc.address, timeout=2.0) as client:
+            session = client.create_session(TASK, 2)
+            session.reset(seed=3)
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(DeadlineExceeded):
+                    session.step(np.full((2, 1), 0.5, np.float32))
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            with pytest.raises(RuntimeError, match=r"Step 2 got no answer and may have run on the server; call retry"):
+                session.step(np.zeros((2, 1), np.float32))        # other actions: refused, nothing sent
+            answered = session.retry()                              # the server ran it once: its answer
+            assert answered.observations.shape == (2, 3)
+            assert session.step(np.zeros((2, 1), np.float32)).observations.shape == (2, 3)   # and on it goes
+            with pytest.raises(RuntimeError, match="no call waiting"):
+                session.retry()
+            session.close()
