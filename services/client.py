@@ -97,6 +97,18 @@ _ERRORS = {
 }
 
 
+def check_address(address: str) -> str:
+    """A ``host:port`` (``[v6]:port``) target has a host and a port in [1, 65535]; other gRPC target forms
+    (``dns:///...``, ``unix:...``) pass as they are."""
+    if "://" in address or address.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "dns:")):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"simulator address {address!r} is not host:port with a port in [1, 65535] "
+                         "(e.g. 127.0.0.1:50051, [::1]:50051)")
+    return address
+
+
 MAX_MESSAGE_MB = 2047   # gRPC's message limits are C ints: under 2 GiB
 
 
@@ -171,13 +183,16 @@ class SimulatorClient:
         self.credentials = credentials or ClientCredentials.from_env(token, token_file, tls_root_cert)
         self.metadata = metadata(self.credentials.resolved_token())
         connect = self.timeout if connect_timeout is None else float(connect_timeout)
+        check_address(address)
         self._channel = self.credentials.channel(address, [*channel_options(max_message_mb), *RECONNECT_OPTIONS])
         self._stub = pb_grpc.SimulatorStub(self._channel)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect)
         except grpc.FutureTimeoutError:
             self._channel.close()
-            hint = "" if self.credentials.tls else " (a TLS server needs tls_root_cert or $FLYWHEEL_TLS_ROOT_CERT)"
+            hint = (" (is a server listening there? a TLS server also needs tls_root_cert or $FLYWHEEL_TLS_ROOT_CERT)"
+                    if not self.credentials.tls else " (is a server listening there, with a certificate tls_root_cert "
+                    "vouches for?)")
             raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"no simulator server at {address} after {connect:g} s"
                               + hint) from None
 

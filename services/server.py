@@ -177,6 +177,8 @@ def _process_main(config: ServerConfig, conn, grace: float) -> None:
 class ServerProcess:
     """A server in a spawned process (safe beside gRPC channels and JAX); a context manager."""
 
+    STOP_MARGIN_S = 30.0    # beyond ``grace``: time to write the recordings and report before the process is killed
+
     def __init__(self, config: ServerConfig, start_timeout: float = 180.0, grace: float = 5.0):
         self.config, self.start_timeout, self.grace = config, start_timeout, grace
         self.address: str | None = None
@@ -210,27 +212,30 @@ class ServerProcess:
         return None if self._process is None else self._process.pid
 
     def stop(self) -> dict | None:
-        """Graceful stop (in-flight calls finish, recordings are written); terminate if it hangs.
+        """Graceful stop (in-flight calls finish, recordings are written); SIGTERM, then SIGKILL, if it hangs.
 
-        Returns the server's ``report()`` (None when it did not stop cleanly, e.g. it was killed).
+        One bounded wait of ``grace + STOP_MARGIN_S`` for the whole stop. Returns the server's ``report()`` (None when it
+        did not stop cleanly, e.g. it was killed or hung).
         """
         if self._process is None:
             return None
         report = None
+        end = time.monotonic() + self.grace + self.STOP_MARGIN_S
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.send("stop")
-                end = time.monotonic() + self.grace + 30
                 while report is None and conn.poll(max(end - time.monotonic(), 0.0)):
                     tag, value = conn.recv()
                     report = value if tag == "report" else None
             except (EOFError, OSError):   # the process died before it reported
                 pass
             conn.close()
-        self._process.join(self.grace + 30)
-        if self._process.is_alive():
-            self._process.terminate()
+        self._process.join(max(end - time.monotonic(), 0.0))
+        for signal_it in (self._process.terminate, self._process.kill):   # a stopped (SIGSTOP) process needs SIGKILL
+            if not self._process.is_alive():
+                break
+            signal_it()
             self._process.join(5)
         self._process = None
         return report

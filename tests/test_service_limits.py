@@ -172,3 +172,18 @@ def test_a_step_that_got_no_answer_is_settled_by_retry_before_another():
             with pytest.raises(RuntimeError, match="no call waiting"):
                 session.retry()
             session.close()
+
+
+def test_stopping_a_hung_server_process_is_bounded_and_kills_it(monkeypatch):
+    monkeypatch.setattr(ServerProcess, "STOP_MARGIN_S", 1.0)
+    proc = ServerProcess(ServerConfig(task=TASK, engine="mujoco"), grace=0.5).start()
+    child = proc._process
+    os.kill(child.pid, signal.SIGSTOP)                        # hung: neither answers nor exits on SIGTERM
+    assert proc.stop() is None                                 # no report from a hung server
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1", "", ":50051", "host:port"])
+def test_a_malformed_address_is_named_at_once(address):
+    with pytest.raises(ValueError, match=r"simulator address .* is not host:port with a port in \[1, 65535\]"):
+        SimulatorClient(address, timeout=30)
