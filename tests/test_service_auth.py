@@ -136,7 +136,7 @@ def test_tls_with_a_certificate_made_at_test_time(tmp_path):
     with ServerProcess(config) as proc:
         with SimulatorClient(proc.address, token_file=token, tls_root_cert=ca_cert) as client:
             assert works(client) and client.health() == "SERVING"
-        with pytest.raises(Unavailable, match="a TLS server needs tls_root_cert"):   # plaintext to a TLS server
+        with pytest.raises(Unavailable, match="a TLS server also needs tls_root_cert"):   # plaintext to a TLS server
             SimulatorClient(proc.address, token_file=token, timeout=2.0)
         other_ca, _, _ = certificate(tmp_path, "other-ca")
         with pytest.raises(Unavailable):                                       # a certificate it does not trust
