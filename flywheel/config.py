@@ -322,6 +322,21 @@ def _check_combinations(cfg: FlywheelConfig) -> None:
                           f"({length} steps): no imagination window would close; allowed: 1 to {length}")
 
 
+def config_warnings(cfg: FlywheelConfig) -> list[str]:
+    """Settings that run but cannot give a lap what it needs (said at the start of a run, tagged in MLflow)."""
+    out = []
+    if cfg.agent.kind == "ppo":
+        workers, envs = max(1, cfg.ppo.num_env_runners), cfg.simulator.num_envs
+        budget = cfg.self_play.iterations * cfg.ppo.train_batch_size
+        length = make_task(cfg.task).episode_length
+        if budget // (workers * envs) < length:
+            out.append(f"self-play samples {budget} env steps over {workers} x {envs} envs: {budget // (workers * envs)} "
+                       f"steps per env, under one {cfg.task} episode ({length} steps), so only episodes that end early "
+                       "finish and a lap may select nothing; raise self_play.iterations or ppo.train_batch_size, or "
+                       "lower simulator.num_envs")
+    return out
+
+
 def _check_agent(cfg: FlywheelConfig) -> None:
     """``agent.kind`` and, for the planner, its settings, its horizon against the window and the task it needs."""
     _check_choice("agent.kind", cfg.agent.kind, AGENT_KINDS)

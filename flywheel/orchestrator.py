@@ -27,7 +27,16 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from flywheel.config import ConfigError, FlywheelConfig, config_diff, config_hash, keys_added_since, load_config, save_config
+from flywheel.config import (
+    ConfigError,
+    FlywheelConfig,
+    config_diff,
+    config_hash,
+    config_warnings,
+    keys_added_since,
+    load_config,
+    save_config,
+)
 from flywheel.lap import LapContext, LapParts, LapRecord, StageError, describe, read_json, run_lap, write_json
 from flywheel.report import format_table, load_history
 from flywheel.store import TrajectoryStore
@@ -118,6 +127,11 @@ class Orchestrator:
         """Run (or finish) every lap; returns the per-lap metric rows. The MLflow run ends as it really ended."""
         self.tracker = Tracker.open(self.cfg, self.run_dir, run_name=self.run_name, parent_run_id=self.parent_run_id)
         self.banner("start")
+        warnings = config_warnings(self.cfg)
+        for line in warnings:
+            self.say(f"WARNING {line}")
+        if warnings:
+            self.tracker.set_tag("flywheel.warnings", " | ".join(warnings)[:5000])
         signals = self.signals = stop_on_signals()
         try:
             self.store.verify(self.expected_shards())      # a resumed run's shards, before any stage relies on them

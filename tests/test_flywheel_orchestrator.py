@@ -464,3 +464,13 @@ def test_a_lost_store_manifest_stops_the_resumed_run_before_any_stage(tmp_path, 
                                          r"lap 0's seed stage finished .*lap 1's select stage stored episodes"):
         resumed.run()
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]
+
+
+def test_a_budget_under_one_episode_per_env_is_said_and_tagged(tmp_path, fakes):
+    said = []
+    cfg = load_config([*TINY, f"runs_root={tmp_path}", "laps=1", "simulator.num_envs=64"])
+    orch = Orchestrator.create(cfg, tmp_path / "run", say=said.append, parts=fakes["parts"])
+    orch.run()
+    warning = [m for m in said if m.startswith("WARNING self-play samples")]
+    assert len(warning) == 1 and "under one pendulum episode (100 steps)" in warning[0]
+    assert status(orch)[1]["flywheel.warnings"] == warning[0].removeprefix("WARNING ")
