@@ -6,7 +6,7 @@
     with table.use(session_id) as s:      # NOT_FOUND names why (closed, expired, unknown); never reaped while in use
         s.step(...)
     table.close(session_id)               # idempotent: a repeat gets the first answer
-    table.start_reaper(); table.stop()    # the reaper closes sessions idle for longer than idle_s
+    table.start_reaper(); table.stop()    # the reaper closes sessions idle for longer than idle_s (and calls on_reap)
 
 A session nobody has called since it was created (its creator may never have seen the answer) is
 closed after ``min(idle_s, CLAIM_S)``. The answers of closed sessions are kept for the last ``kept`` only.
@@ -37,9 +37,10 @@ class _Lease:
 class Leases:
     """Open sessions with their last use, a bounded cache of closed ones, and the counters of both."""
 
-    def __init__(self, max_sessions: int, idle_s: float, close: Callable[[object], object], kept: int = 1024):
+    def __init__(self, max_sessions: int, idle_s: float, close: Callable[[object], object], kept: int = 1024,
+                 on_reap: Callable[[], object] | None = None):
         self.max_sessions, self.idle_s, self.kept = int(max_sessions), float(idle_s), int(kept)
-        self._close = close
+        self._close, self._on_reap = close, on_reap      # on_reap: more to reclaim on each reaper round (streams)
         self._open: dict[str, _Lease] = {}
         self._closed: OrderedDict[str, tuple[str, object]] = OrderedDict()   # id -> (why, answer)
         self._pending = 0
@@ -163,6 +164,8 @@ class Leases:
         while not self._stop.wait(interval):
             try:
                 self.reap()
+                if self._on_reap is not None:
+                    self._on_reap()
             except Exception:  # noqa: BLE001 - a failed close is the session's recorder error, kept in its answer
                 pass
 

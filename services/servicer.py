@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -70,7 +71,8 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self.engines = EnginePool(config.engine, config.engine_params, config.idle_engines)
         wait = float(config.coalesce_wait_ms)   # Step calls of many sessions computed together (0: off)
         self.batcher = StepBatcher(wait / 1e3) if wait > 0 else None
-        self.leases = Leases(config.max_sessions, config.session_idle_s, self._close)
+        self.leases = Leases(config.max_sessions, config.session_idle_s, self._close, on_reap=self.cancel_idle_streams)
+        self._open_streams: dict[int, list] = {}      # id -> [context, last request time]: idle ones are cancelled
         # streams and long calls (Imagine, Verify) hold a handler thread: together at most workers - 1, so one
         # thread always stays free for short calls (Step, sessions) and health probes
         self.max_held = max(0, int(config.workers) - 1)
@@ -81,7 +83,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         self._range = self.incarnation                # the id range new sessions' blocks come from
         self._totals = dict.fromkeys(TOTALS, 0)
         self._errors: list[dict] = []
-        self._counts = {"cancelled": 0, "streams_refused": 0, "long_calls_refused": 0}
+        self._counts = {"cancelled": 0, "streams_refused": 0, "long_calls_refused": 0, "streams_idle_cancelled": 0}
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -160,13 +162,31 @@ class SimulatorService(pb_grpc.SimulatorServicer):
             self.count("streams_refused")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_held} stream slots of the server are "
                           "in use (workers - 1, shared with Imagine and Verify calls); step with unary Step calls")
+        key, entry = id(context), [context, time.monotonic()]
+        with self._lock:
+            self._open_streams[key] = entry
         try:
             for request in request_iterator:
                 if not context.is_active():
                     return
+                entry[1] = time.monotonic()
                 yield self.Step(request, context)
+                entry[1] = time.monotonic()
         finally:
+            with self._lock:
+                self._open_streams.pop(key, None)
             self._release_hold()
+
+    def cancel_idle_streams(self) -> int:
+        """Cancel streams with no request for ``session_idle_s`` (a stalled client's stream holds a handler thread
+        and a slot); returns how many."""
+        end = time.monotonic() - float(self.config.session_idle_s)
+        with self._lock:
+            idle = [ctx for ctx, last in self._open_streams.values() if last < end]
+        for ctx in idle:
+            ctx.cancel()
+            self.count("streams_idle_cancelled")
+        return len(idle)
 
     def _hold(self) -> bool:
         """Take one of the ``workers - 1`` slots for a call that holds its handler thread long; False when full."""
@@ -238,7 +258,8 @@ class SimulatorService(pb_grpc.SimulatorServicer):
         sessions = {f"sessions_{k}": v for k, v in self.leases.counts.items()}
         return {**totals, "incarnation": self.incarnation, "sessions_open": len(open_), **sessions,
                 "calls_cancelled": counts["cancelled"], "streams_refused": counts["streams_refused"],
-                "long_calls_refused": counts["long_calls_refused"], "errors": errors}
+                "long_calls_refused": counts["long_calls_refused"],
+                "streams_idle_cancelled": counts["streams_idle_cancelled"], "errors": errors}
 
     # -- world model and physics checks --------------------------------------------------------
     @_rpc

@@ -187,3 +187,17 @@ def test_stopping_a_hung_server_process_is_bounded_and_kills_it(monkeypatch):
 def test_a_malformed_address_is_named_at_once(address):
     with pytest.raises(ValueError, match=r"simulator address .* is not host:port with a port in \[1, 65535\]"):
         SimulatorClient(address, timeout=30)
+
+
+def test_a_stalled_stream_gives_its_handler_thread_back_after_the_idle_lease():
+    with ServerProcess(ServerConfig(task=TASK, engine="mujoco", workers=2, session_idle_s=1.0)) as proc:   # one slot
+        with SimulatorClient(proc.address) as client:
+            stalled = client.create_session(TASK, 2)
+            stalled.use_stream()
+            stalled.reset()
+            stalled.step(np.zeros((2, 1), np.float32))             # the stream holds the only slot, then goes quiet
+            time.sleep(3.0)                                          # > session_idle_s: the server cancels it
+            imagined, _ = client.imagine(np.zeros((2, 2), np.float32), np.zeros((2, 3, 1), np.float32))
+            assert imagined.shape == (2, 3, 2)                      # the slot is free again
+        report = proc.stop()
+    assert report["streams_idle_cancelled"] == 1 and report["long_calls_refused"] == 0
