@@ -5,8 +5,10 @@
 
 Each caller checks its actions and prepares its rows (``CorrectedSimulator.begin``) in its own thread.
 The first caller to find no batch forming leads: it waits until every simulator that stepped within
-the last ``ACTIVE_S`` (at least ten waits) and is not being computed has a step queued, or until
-``max_wait_s`` passed, then computes the queue: the world-model rows of all simulators sharing a world
+the last ``ACTIVE_S`` (at least ten waits), is not being computed and is not late has a step queued, or
+until ``max_wait_s`` passed, then computes the queue. A simulator a batch waited for in vain is late: no
+batch waits for it until it joins one that another caller leads (so one client stepping two sessions in
+turn pays the wait at most once per session, not on every step). The queue's rows go: the world-model rows of all simulators sharing a world
 model in one ``step``, the engine rows of all simulators whose engine is the same model
 (``ROW_INDEPENDENT_ENGINES``) in one ``step_vectors``. Callers finish their own steps (``combine`` +
 ``finish``), so grading and recording stay per session. Every merged row's result depends on that row
@@ -44,12 +46,14 @@ class _Ticket:
 
 @dataclass
 class BatcherStats:
-    """Counts since the batcher started: steps queued, batches computed, world-model and engine calls."""
+    """Counts since the batcher started: steps queued, batches computed, world-model and engine calls, waits
+    that ran out."""
 
     steps: int = 0
     batches: int = 0
     wm_calls: int = 0
     engine_calls: int = 0
+    timeouts: int = 0         # batches taken at ``max_wait_s`` without every simulator waited for
 
 
 class StepBatcher:
@@ -66,6 +70,7 @@ class StepBatcher:
         self._leading = False
         self._seen: dict[int, float] = {}     # simulator -> when it last queued a step
         self._busy: set[int] = set()          # simulators whose step is being computed
+        self._late: set[int] = set()          # simulators a batch waited for in vain: not waited for again
         self._active_s = max(ACTIVE_S, 10 * self.max_wait_s)
 
     def step(self, sim, actions: np.ndarray, hold: np.ndarray | None = None):
@@ -78,6 +83,8 @@ class StepBatcher:
             self._seen[id(sim)] = time.monotonic()
             self.stats.steps += 1
             lead = not self._leading
+            if not lead:                      # joined a batch another caller leads: in time again
+                self._late.discard(id(sim))
             self._leading = True
             self._cond.notify_all()
         if lead:
@@ -94,7 +101,14 @@ class StepBatcher:
             while True:
                 now = time.monotonic()
                 self._seen = {k: t for k, t in self._seen.items() if now - t < self._active_s}
-                if len(self._queue) >= len(self._seen.keys() - self._busy) or now >= deadline:
+                self._late &= self._seen.keys()
+                expected = self._seen.keys() - self._busy - self._late
+                queued = {id(t.sim) for t in self._queue}
+                if expected <= queued:
+                    break
+                if now >= deadline:
+                    self._late |= expected - queued
+                    self.stats.timeouts += 1
                     break
                 self._cond.wait(deadline - now)
             batch, self._queue, self._leading = self._queue, [], False

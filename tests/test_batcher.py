@@ -184,3 +184,17 @@ def test_max_wait_is_checked():
         StepBatcher(max_wait_s=-1)
     with pytest.raises(ValueError, match="coalesce_wait_ms"):
         ServerConfig(coalesce_wait_ms=500)
+
+
+def test_one_caller_stepping_sessions_in_turn_waits_at_most_once_per_session(tmp_path):
+    sessions, _ = open_all(tmp_path, "pendulum")
+    a, b = sessions[:2]
+    batcher = StepBatcher(max_wait_s=0.05)
+    for s in (a, b):
+        s.batcher = batcher
+    for t in range(20):
+        for s in (a, b):                                     # never two steps at once: no batch can form
+            s.advance(np.zeros((s.num_envs, 1)))
+    assert batcher.stats.steps == 40 and batcher.stats.timeouts <= 2
+    for s in sessions:
+        s.close()
