@@ -8,8 +8,8 @@ The first caller to find no batch forming leads: it waits until every simulator 
 the last ``ACTIVE_S`` (at least ten waits), is not being computed and is not late has a step queued, or
 until ``max_wait_s`` passed, then computes the queue. A simulator a batch waited for in vain is late: no
 batch waits for it until it joins one that another caller leads (so one client stepping two sessions in
-turn pays the wait at most once per session, not on every step). The queue's rows go: the world-model rows of all simulators sharing a world
-model in one ``step``, the engine rows of all simulators whose engine is the same model
+turn pays the wait at most once per session, not on every step). The queue's rows go: the world-model
+rows of all simulators sharing a world model in one ``step``, the engine rows of all simulators whose engine is the same model
 (``ROW_INDEPENDENT_ENGINES``) in one ``step_vectors``. Callers finish their own steps (``combine`` +
 ``finish``), so grading and recording stay per session. Every merged row's result depends on that row
 alone (MuJoCo steps each env on its own; a world model's rows are merged only where

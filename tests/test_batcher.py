@@ -192,7 +192,7 @@ def test_one_caller_stepping_sessions_in_turn_waits_at_most_once_per_session(tmp
     batcher = StepBatcher(max_wait_s=0.05)
     for s in (a, b):
         s.batcher = batcher
-    for t in range(20):
+    for _ in range(20):
         for s in (a, b):                                     # never two steps at once: no batch can form
             s.advance(np.zeros((s.num_envs, 1)))
     assert batcher.stats.steps == 40 and batcher.stats.timeouts <= 2
