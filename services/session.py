@@ -31,6 +31,7 @@ from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.recorder import Recorder
 
 TERMS = ("task", "imagination", "physics")
+MAX_HORIZON = 1000   # the longest imagination window a grade takes (rewards.config)
 MAX_WEIGHT = 1e6   # a reward weight's bound: each term is O(1) per step, so totals stay far inside float32
 
 
@@ -68,6 +69,9 @@ def with_weights(config, weights: dict[str, float], horizon: int = 0):
                            "scaled past that overflows float32)")
     changes = {"weights": dataclasses.replace(config.weights, **weights)}
     if horizon:
+        if not 1 <= int(horizon) <= MAX_HORIZON:
+            raise ServiceError("INVALID_ARGUMENT", f"horizon {int(horizon)} is out of range; allowed: 1 to {MAX_HORIZON} "
+                               f"(0: the server's {config.horizon})")
         changes["horizon"] = int(horizon)
     return dataclasses.replace(config, **changes)
 

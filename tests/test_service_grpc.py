@@ -116,6 +116,8 @@ def test_bad_inputs_get_status_and_message(served):
             client.create_session(TASK, B, world_model_version="wm-missing")
         with pytest.raises(InvalidArgument, match=r"unknown task 'xxxx+\.\.\. \(100000 characters\)'; valid tasks"):
             client.create_session("x" * 100_000, B)                 # the echo is cut: the answer still arrives
+        with pytest.raises(InvalidArgument, match=r"horizon 1001 is out of range; allowed: 1 to 1000 \(0: the server's 5\)"):
+            client.create_session(TASK, B, horizon=1001)
         with pytest.raises(InvalidArgument, match=r"reward weights \{'task': 1e\+308\} must be in \[0, 1e\+06\]"):
             client.create_session(TASK, B, reward_weights={"task": 1e308})
         with pytest.raises(InvalidArgument, match="unknown task 'bogus'; valid tasks"):
