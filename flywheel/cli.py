@@ -147,6 +147,9 @@ def _run(args) -> int:
     from flywheel.orchestrator import Orchestrator, one_line
 
     if args.resume:
+        if args.run_dir:
+            raise ConfigError(f"--run-dir names a new run's directory; --resume {args.resume} is the run directory "
+                              "to continue (give one of them)")
         orch = Orchestrator.resume(args.resume, args.overrides, force=args.force, say=_say)
     else:
         if args.force:

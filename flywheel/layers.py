@@ -194,6 +194,12 @@ def _merge(where: str, cfg: DictConfig, layer: Any) -> DictConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         msg = str(exc).splitlines()[0]
+        if key is None:           # a whole section given a plain value: name the section
+            sections = [k for k in (layer.keys() if isinstance(layer, DictConfig) else [])
+                        if isinstance(OmegaConf.select(cfg, str(k)), DictConfig) and not isinstance(layer[k], DictConfig)]
+            if sections:
+                raise ConfigError(f"config key '{sections[0]}' (from {where}) is a section; give its keys, e.g. "
+                                  f"{sections[0]}.<key>=<value>") from None
         raise ConfigError(f"bad value for config key '{key}' (from {where}): {msg}") from None
 
 

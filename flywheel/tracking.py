@@ -30,6 +30,19 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:///") or len(uri) == len("sqlite:///"):
+            raise ConfigError(f"tracking.uri {uri!r} is not a SQLite URI of a file: sqlite:///<path> "
+                              "(e.g. sqlite:////abs/path/mlflow.db, sqlite:///runs/mlflow.db)")
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tracking.uri {uri}: its directory {db.parent} cannot be made "
+                              f"({exc.strerror or exc})") from None
+        if db.is_dir():
+            raise ConfigError(f"tracking.uri {uri}: {db} is a directory; name the SQLite file in it") from None
+        return
     if not uri.startswith(("http://", "https://")):
         return
     url = uri.rstrip("/") + "/health"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from rewards import RewardConfig
@@ -79,6 +81,8 @@ class ServerConfig:
             raise ValueError("ServerConfig.tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file too")
         if not float(self.num_gpus) >= 0:
             raise ValueError(f"ServerConfig.num_gpus must be >= 0, got {self.num_gpus!r}")
-        if not self.host:
-            raise ValueError("ServerConfig.host must be a host name or address, e.g. 127.0.0.1")
+        if not self.host or self.host.startswith("[") != self.host.endswith("]") or not re.fullmatch(
+                r"\[?[A-Za-z0-9.:%_-]+\]?", self.host):
+            raise ValueError(f"ServerConfig.host must be a host name or address (e.g. 127.0.0.1, ::1, [::1], 0.0.0.0), "
+                             f"got {self.host!r}")
         return self

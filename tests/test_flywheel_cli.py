@@ -51,6 +51,7 @@ def test_flywheel_serve_prints_its_address_serves_and_stops_on_sigterm():
     (["ppo.lr=0.1"], "config key 'ppo.lr' does not configure a simulator server"),
     (["--host", "0.0.0.0"], "listens beyond loopback, so the server needs a token"),
     (["service.token_file=/nonexistent/token"], "cannot read the token file /nonexistent/token"),
+    (["--host", "[::1"], "ServerConfig.host must be a host name or address"),
 ])
 def test_flywheel_serve_bad_input_exits_2_with_one_line_before_binding(args, message, capsys, monkeypatch):
     from flywheel.cli import main
@@ -75,3 +76,19 @@ def test_flywheel_serve_refuses_a_world_model_no_session_could_use(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"flywheel serve: error: world model {wm.version} is for task 'cartpole', not 'pendulum'; " \
                       "load a pendulum model with LoadWorldModel"
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--resume", "/tmp/a-run", "--run-dir", "/tmp/b"], "--run-dir names a new run's directory; --resume"),
+    (["run", "tracking.uri=sqlite:////proc/none/mlflow.db"], "its directory /proc/none cannot be made"),
+    (["run", "tracking.uri=sqlite://mlflow.db"], "is not a SQLite URI of a file: sqlite:///<path>"),
+    (["config", "show", "simulator=3"], "config key 'simulator' (from command line) is a section"),
+])
+def test_flywheel_run_bad_input_exits_2_with_one_line_before_anything_starts(args, message, tmp_path, capsys):
+    from flywheel.cli import main
+
+    assert main([*args, f"runs_root={tmp_path}"] if args[0] == "run" and "--resume" not in args else args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []                    # no run directory, no store
