@@ -33,7 +33,7 @@ run: $(STAMP)
 	$(BIN)/flywheel run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.physics
