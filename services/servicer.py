@@ -114,6 +114,11 @@ class SimulatorService(pb_grpc.SimulatorServicer):
 
     def check(self) -> None:
         """Open, reset and close a one-env session of the configured task: raises what a client would be answered."""
+        if self.models.current_for(self.config.task) is None:
+            other = self.models.get(self.models.current)
+            raise ServiceError("FAILED_PRECONDITION", f"world model {other.version} is for task {other.task.name!r}, "
+                               f"not {self.config.task!r}, the server's task: no session could use it; serve a "
+                               f"{self.config.task} model")
         session = self._open(SessionRequest(self.config.task, 1))
         try:
             session.restart(0)                     # nothing is stepped, so nothing is recorded

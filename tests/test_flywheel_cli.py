@@ -74,8 +74,8 @@ def test_flywheel_serve_refuses_a_world_model_no_session_could_use(tmp_path, cap
     wm.save(tmp_path / "cartpole.pt")
     assert main(["serve", "--engine", "mujoco", "--task", "pendulum", "--world-model", str(tmp_path / "cartpole.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"flywheel serve: error: world model {wm.version} is for task 'cartpole', not 'pendulum'; " \
-                      "load a pendulum model with LoadWorldModel"
+    assert err[-1] == f"flywheel serve: error: world model {wm.version} is for task 'cartpole', not 'pendulum', the " \
+                      "server's task: no session could use it; serve a pendulum model"
 
 
 
