@@ -285,7 +285,7 @@ def check_seeds(seeds, num_envs: int) -> list[int]:
     if len(values) != num_envs:
         raise ServiceError("INVALID_ARGUMENT", f"{len(values)} seeds for {num_envs} envs; give one seed per env "
                            "or a single seed")
-    bad = [v for v in values if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2**63]
+    bad = [v for v in values if not _valid_seed(v)]
     if bad:
         raise ServiceError("INVALID_ARGUMENT", f"seeds must be integers in [0, 2**63), got {bad[:5]}")
     return [int(v) for v in values]
@@ -293,6 +293,10 @@ def check_seeds(seeds, num_envs: int) -> list[int]:
 
 def check_seed(seed) -> int:
     """A batch seed: one integer in [0, 2**63)."""
-    if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+    if not _valid_seed(seed):
         raise ServiceError("INVALID_ARGUMENT", f"seed must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)
+
+
+def _valid_seed(value) -> bool:
+    return isinstance(value, (int, np.integer)) and 0 <= int(value) < 2**63
