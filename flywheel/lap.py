@@ -20,6 +20,8 @@ stage. A stage that fails raises ``StageError`` naming the lap, the stage and th
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 import sys
 import time
@@ -149,6 +151,8 @@ class LapRecord:
         if not path.exists():
             return cls(lap)
         data = read_json(path, f"lap {lap}'s record")
+        if isinstance(data.get("metrics"), dict):
+            data["metrics"] = finite_or_nan(data["metrics"])
         try:
             return cls(**data)
         except TypeError as exc:
@@ -170,8 +174,25 @@ def read_json(path: Path, what: str, error: type[Exception] = ValueError) -> dic
 
 
 def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=1, default=float).encode()
+    """``data`` as strict JSON (any JSON parser reads it): NaN and infinities are written as ``null``."""
+    text = json.dumps(strict_json(data), indent=1, default=float, allow_nan=False).encode()
     atomic_write(path, lambda f: f.write(text))
+
+
+def strict_json(value):
+    """``value`` with every non-finite float (numpy's too) replaced by ``None``."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def finite_or_nan(metrics: dict) -> dict:
+    """A record's metrics as written by ``write_json``, a metric without a value (``null``) read back as NaN."""
+    return {k: math.nan if v is None else v for k, v in metrics.items()}
 
 
 def run_lap(ctx: LapContext, parts: LapParts, progress: Callable[[str], None] = print) -> LapRecord:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.lap import read_json
+from flywheel.lap import finite_or_nan, read_json
 
 CAPABILITY = (("capability/success_rate", "success rate (reality)"), ("capability/return", "return (reality)"),
               ("world_model/open_loop_error", "WM open-loop error"), ("imagination/accuracy", "imagination accuracy"),
@@ -39,7 +39,7 @@ def load_history(run_dir: str | Path) -> list[dict]:
     for path in sorted(Path(run_dir).glob("laps/lap_*/metrics.json")):
         data = read_json(path, "lap record")
         if data.get("logged"):
-            rows.append({"lap": int(data["lap"]), **data["metrics"]})
+            rows.append({"lap": int(data["lap"]), **finite_or_nan(data["metrics"])})
     return rows
 
 

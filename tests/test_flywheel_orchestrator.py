@@ -119,6 +119,9 @@ def fakes():
         if calls["fail_at"] == ctx.lap:
             raise Boom("reality went away")
         bonus = 0.1 * ctx.lap if ctx.cfg.retrain else 0.0           # retraining "helps" by a known amount
+        if calls.get("no_value"):                                    # metrics without a value (no windows, no episodes)
+            return {"capability/success_rate": np.float32("nan"), "capability/return": float("-inf"),
+                    "world_model/one_step_error": 0.1}
         return {"capability/success_rate": 0.1 * ctx.lap + bonus + 0.01 * (ctx.cfg.seed % 7),
                 "capability/return": 10.0 * ctx.lap,
                 "world_model/one_step_error": 0.1, "world_model/open_loop_error": 0.2,
@@ -201,6 +204,23 @@ def test_resume_refuses_a_changed_shard_before_any_stage_runs(tmp_path, fakes):
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]   # nothing ran
     state, tags = status(resumed)
     assert state == "FAILED" and "lap_000/seed.npz (lap 0, seed) has changed" in tags["flywheel.error"]
+
+
+def test_lap_records_are_strict_json_and_metrics_without_a_value_read_back_as_nan(tmp_path, fakes):
+    fakes["no_value"] = True
+    rows = make(tmp_path, fakes, "laps=2").run()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    for lap in (0, 1):
+        text = (tmp_path / f"run/laps/lap_{lap:03d}/metrics.json").read_text()
+        metrics = json.loads(text, parse_constant=refuse)["metrics"]     # any JSON parser reads it
+        assert metrics["capability/success_rate"] is None and metrics["capability/return"] is None
+        assert metrics["world_model/one_step_error"] == 0.1
+    assert all(np.isnan(r["capability/success_rate"]) and np.isnan(r["capability/return"]) for r in rows)
+    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"], overrides=["laps=3"])
+    assert np.isnan(resumed.run()[0]["capability/success_rate"])
 
 
 def test_a_sigterm_whose_exception_python_dropped_stops_the_run_after_that_stage(tmp_path, fakes):
