@@ -7,8 +7,9 @@ Each caller checks its actions and prepares its rows (``CorrectedSimulator.begin
 The first caller to find no batch forming leads: it waits until every simulator that stepped within
 the last ``ACTIVE_S`` (at least ten waits), is not being computed and is not late has a step queued, or
 until ``max_wait_s`` passed, then computes the queue. A simulator a batch waited for in vain is late: no
-batch waits for it until it joins one that another caller leads (so one client stepping two sessions in
-turn pays the wait at most once per session, not on every step). The queue's rows go: the world-model
+batch waits for it (so one client stepping two sessions in turn pays the wait about once per session, not on
+every step) until it joins a batch another caller leads, its step arrives while another batch is computed
+(its client is not waiting on that batch), or ``LATE_WAITS`` waits have passed. The queue's rows go: the world-model
 rows of all simulators sharing a world model in one ``step``, the engine rows of all simulators whose engine is the same model
 (``ROW_INDEPENDENT_ENGINES``) in one ``step_vectors``. Callers finish their own steps (``combine`` +
 ``finish``), so grading and recording stay per session. Every merged row's result depends on that row
@@ -31,6 +32,7 @@ import numpy as np
 
 ROW_INDEPENDENT_ENGINES = frozenset({"mujoco"})   # engines whose rows of one model may share a call
 ACTIVE_S = 1.0                                     # a simulator counts as active this long after its last step
+LATE_WAITS = 50                                    # a late simulator is waited for again after this many waits
 log = logging.getLogger(__name__)
 
 
@@ -70,8 +72,9 @@ class StepBatcher:
         self._leading = False
         self._seen: dict[int, float] = {}     # simulator -> when it last queued a step
         self._busy: set[int] = set()          # simulators whose step is being computed
-        self._late: set[int] = set()          # simulators a batch waited for in vain: not waited for again
+        self._late: dict[int, float] = {}     # simulators a batch waited for in vain -> when: not waited for again
         self._active_s = max(ACTIVE_S, 10 * self.max_wait_s)
+        self._late_s = LATE_WAITS * self.max_wait_s
 
     def step(self, sim, actions: np.ndarray, hold: np.ndarray | None = None):
         """``sim.step(actions, hold)``, its world-model and engine rows computed with other callers'."""
@@ -83,8 +86,8 @@ class StepBatcher:
             self._seen[id(sim)] = time.monotonic()
             self.stats.steps += 1
             lead = not self._leading
-            if not lead:                      # joined a batch another caller leads: in time again
-                self._late.discard(id(sim))
+            if not lead or self._busy:        # joined a batch another caller leads, or came while one computes:
+                self._late.pop(id(sim), None)  # in time again
             self._leading = True
             self._cond.notify_all()
         if lead:
@@ -101,13 +104,13 @@ class StepBatcher:
             while True:
                 now = time.monotonic()
                 self._seen = {k: t for k, t in self._seen.items() if now - t < self._active_s}
-                self._late &= self._seen.keys()
-                expected = self._seen.keys() - self._busy - self._late
+                self._late = {k: t for k, t in self._late.items() if k in self._seen and now - t < self._late_s}
+                expected = self._seen.keys() - self._busy - self._late.keys()
                 queued = {id(t.sim) for t in self._queue}
                 if expected <= queued:
                     break
                 if now >= deadline:
-                    self._late |= expected - queued
+                    self._late.update(dict.fromkeys(expected - queued, now))
                     self.stats.timeouts += 1
                     break
                 self._cond.wait(deadline - now)

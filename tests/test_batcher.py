@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -196,5 +197,41 @@ def test_one_caller_stepping_sessions_in_turn_waits_at_most_once_per_session(tmp
         for s in (a, b):                                     # never two steps at once: no batch can form
             s.advance(np.zeros((s.num_envs, 1)))
     assert batcher.stats.steps == 40 and batcher.stats.timeouts <= 2
+    for s in sessions:
+        s.close()
+
+
+def test_sessions_a_batch_once_missed_are_merged_again(tmp_path):
+    """Sessions stepping freely in their own threads (as RLlib's runners do) that each once came late (a pause
+    longer than the wait: a slow policy step, a garbage collection) are merged again afterwards, not each
+    computed alone from then on."""
+    sessions, _ = open_all(tmp_path, "pendulum")
+    batcher = StepBatcher(max_wait_s=0.02)
+    barrier = threading.Barrier(len(sessions), action=lambda: before.update(vars(copy.copy(batcher.stats))))
+    before, errors = {}, []
+
+    def worker(i: int) -> None:
+        s = sessions[i]
+        try:
+            s.batcher = batcher
+            for t in range(60):
+                if t == 10:
+                    time.sleep(0.03 * i)                 # each late in turn: the others' batches give up on it
+                if t == 20:
+                    barrier.wait()
+                s.advance(np.zeros((s.num_envs, 1)))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(sessions))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    steps, batches = batcher.stats.steps - before["steps"], batcher.stats.batches - before["batches"]
+    assert steps == 40 * len(sessions)
+    assert batches <= 0.5 * steps, (before, batcher.stats)   # most batches hold more than one session's step
     for s in sessions:
         s.close()

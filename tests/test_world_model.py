@@ -117,6 +117,25 @@ def test_bfloat16_inference_stays_near_float32_row_by_row_and_through_a_checkpoi
         WorldModel.load(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("flags, warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False),
+                                           ({"avx2", "amx_bf16"}, False), (set(), False)])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_said_once(monkeypatch, caplog, flags, warned):
+    from simulators.world_model import model
+
+    monkeypatch.setattr(model, "cpu_flags", lambda: flags)
+    model.warn_emulated_bfloat16.cache_clear()
+    low = WorldModel("pendulum", 2, 1, WorldModelConfig(hidden_size=8, inference_dtype="bfloat16"))
+    with caplog.at_level("WARNING", logger=model.__name__):
+        for _ in range(3):
+            low.step(np.zeros((2, 2)), np.zeros((2, 1)))
+        WorldModel("pendulum", 2, 1, WorldModelConfig(hidden_size=8)).step(np.zeros((2, 2)), np.zeros((2, 1)))
+    said = [r.getMessage() for r in caplog.records if "bfloat16 on a CPU without" in r.getMessage()]
+    assert len(said) == int(warned)
+    if warned:
+        assert "amx_bf16, avx512_bf16" in said[0] and "world_model.inference_dtype=float32" in said[0]
+    model.warn_emulated_bfloat16.cache_clear()
+
+
 def test_read_only_inputs_from_the_wire_predict_like_writable_ones(trained, pendulum_data):
     wm, _ = trained
     s = pendulum_data[1].states[:16].astype(np.float32)

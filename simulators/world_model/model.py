@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import logging
 import threading
 import time
 import uuid
@@ -46,6 +48,34 @@ from simulators.world_model.ensemble import CHUNK_ROWS, GaussianEnsemble, member
 ARCHITECTURE: tuple[str, ...] = ("ensemble_size", "hidden_size", "num_layers", "base")
 BASES: tuple[str, ...] = ("none", "engine")
 INFERENCE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# CPU instructions that compute bfloat16 products natively; without them torch emulates bfloat16 (AVX2 only: the
+# README's AMD EPYC figures, predictions 5-40x slower than in float32)
+BFLOAT16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
+log = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def warn_emulated_bfloat16() -> bool:
+    """Log once per process when bfloat16 predictions run on a CPU without bfloat16 instructions; True if so."""
+    flags = cpu_flags()
+    if not flags or flags & set(BFLOAT16_CPU_FLAGS):
+        return False
+    log.warning("world_model.inference_dtype=bfloat16 on a CPU without bfloat16 instructions (none of %s): torch "
+                "emulates it and predictions are several times slower than in float32; use "
+                "world_model.inference_dtype=float32 here", ", ".join(BFLOAT16_CPU_FLAGS))
+    return True
 
 
 @dataclass
@@ -193,6 +223,8 @@ class WorldModel:
         transcendental computes the tail of an array with other instructions.)
         """
         s, a = self._as_tensors(states, actions)
+        if self.config.inference_dtype == "bfloat16" and self.device.type == "cpu":
+            warn_emulated_bfloat16()
         with torch_threads(self.config.num_threads):
             x = self._inputs(s, a)
             mean, log_std = self.net.infer(x, with_std, INFERENCE_DTYPES[self.config.inference_dtype])
