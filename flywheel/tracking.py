@@ -130,7 +130,9 @@ class Tracker:
                 for key in ("flywheel.error", "flywheel.stopped"):
                     if key in tags:
                         client.delete_tag(info["run_id"], key)
-            return cls(uri, info["experiment"], info["run_id"])
+            tracker = cls(uri, info["experiment"], info["run_id"])
+            tracker.sync_params(cfg)
+            return tracker
         exp_id = experiment_id(client, cfg.tracking.experiment, cfg.runs_root)
         all_tags = {"flywheel.run_dir": str(run_dir.resolve()), "flywheel.task": cfg.task, **(tags or {})}
         if parent_run_id:
@@ -150,6 +152,23 @@ class Tracker:
         return cls(info["uri"], info["experiment"], info["run_id"])
 
     # -- logging -------------------------------------------------------------------------------
+    def sync_params(self, cfg: FlywheelConfig) -> list[str]:
+        """Bring a reopened run's MLflow record up to the config it goes on with: keys it did not log yet are
+        logged; a logged param cannot change (MLflow's rule), so a changed value (more laps, a forced resume) is
+        listed, ``key: logged -> now``, in the ``flywheel.params_changed`` tag, and the resolved config artifact is
+        replaced by the one the run goes on with. Returns the changes."""
+        run = self.client.get_run(self.run_id)
+        logged = run.data.params
+        current = {k[:250]: v[:6000] for k, v in flatten(to_container(cfg)).items()}
+        self.log_params({k: v for k, v in current.items() if k not in logged})
+        changed = [f"{k}: {logged[k]} -> {v}" for k, v in current.items() if k in logged and logged[k] != v]
+        if changed:
+            self.client.set_tag(self.run_id, "flywheel.params_changed", "; ".join(changed)[:5000])
+        elif "flywheel.params_changed" in run.data.tags:
+            self.client.delete_tag(self.run_id, "flywheel.params_changed")
+        self.client.log_text(self.run_id, to_yaml(cfg), "config/resolved.yaml")
+        return changed
+
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 

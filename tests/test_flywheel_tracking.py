@@ -1,6 +1,7 @@
 """MLflow tracking on a real SQLite store, and the report plots and tables."""
 
 import json
+import sqlite3
 
 import numpy as np
 
@@ -33,6 +34,27 @@ def test_run_is_reopened_not_duplicated_and_metrics_are_logged_once(tmp_path):
     again.log_metrics({"sweep/x": 2.0}, step=0, replace=True)
     again.log_metrics({"sweep/x": 3.0}, step=0)                 # (a plain log at a logged step is skipped)
     assert again.client.get_run(again.run_id).data.metrics["sweep/x"] == 2.0
+
+
+def test_a_reopened_run_logs_new_keys_and_names_changed_params(tmp_path):
+    cfg = load_config([f"runs_root={tmp_path}", "laps=2"])
+    run_dir = tmp_path / "run-a"
+    tracker = Tracker.open(cfg, run_dir)
+    client = tracker.client
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:      # a key Flywheel did not have when the run started
+        db.execute("DELETE FROM params WHERE run_uuid = ? AND key = 'agent.horizon'", (tracker.run_id,))
+    assert "agent.horizon" not in client.get_run(tracker.run_id).data.params
+    more = load_config([f"runs_root={tmp_path}", "laps=5", "simulator.fidelity=0.25"])
+    again = Tracker.open(more, run_dir)
+    run = client.get_run(again.run_id)
+    assert run.data.params["laps"] == "2"                                   # MLflow keeps a param's first value
+    assert run.data.params["agent.horizon"] == str(more.agent.horizon)      # the missing key is logged now
+    changed = run.data.tags["flywheel.params_changed"].split("; ")
+    assert sorted(changed) == ["laps: 2 -> 5", f"simulator.fidelity: {cfg.simulator.fidelity} -> 0.25"]
+    resolved = client.download_artifacts(again.run_id, "config/resolved.yaml", str(tmp_path))
+    assert "laps: 5" in open(resolved).read()
+    back = Tracker.open(load_config([f"runs_root={tmp_path}", "laps=2"]), run_dir)   # as first logged again
+    assert "flywheel.params_changed" not in client.get_run(back.run_id).data.tags
 
 
 def test_sweep_children_point_at_parent(tmp_path):
