@@ -73,6 +73,7 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
                          "shards": sum(r["shards"] for r in reports),
                          "collected": sum(r.get("collected", 0) for r in reports),
                          "server_restarts": sum(max(0, r["incarnation"]) for r in reports),
+                         "torch_threads": min((r["torch_threads"] for r in reports if "torch_threads" in r), default=0),
                          "servers_lost": [{"address": a, "error": r["stop_error"].strip().splitlines()[0][:300]}
                                           for a, r in zip(addresses, reports) if r.get("stop_error")]}
         for lost in served.report["servers_lost"]:       # its node died: what it had not written is gone
@@ -180,11 +181,19 @@ def _fit(task: str, data, cfg, init_bytes: bytes | None, engine_params: dict | N
 
 def _fit_remote(task: str, data, cfg, init_bytes: bytes | None, engine_params: dict | None = None
                 ) -> tuple[bytes, dict]:
-    """The Ray task: fit, and send the checkpoint back as bytes (its digest is checked when loaded)."""
+    """The Ray task: fit, and send the checkpoint back as bytes (its digest is checked when loaded).
+
+    Ray sets ``OMP_NUM_THREADS`` to the task's one CPU (so torch would fit on one thread, or on whatever a reused
+    worker was started with): ``world_model.num_threads=0`` is made explicit here as every CPU of the node, as
+    it means outside Ray (the run's other work waits on the fit)."""
     import tempfile
 
     import ray
 
+    from simulators.cpus import usable_cpus
+
+    if not cfg.num_threads:
+        cfg = replace(cfg, num_threads=usable_cpus())
     wm, metrics = _fit(task, data, cfg, init_bytes, engine_params)
     with tempfile.TemporaryDirectory() as tmp:
         wm.save(Path(tmp) / "wm.pt")

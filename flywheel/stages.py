@@ -79,6 +79,7 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
             **{k: float(last[k]) for k in last if k.startswith("planner/")},     # the planner's own figures
             "self_play/server_restarts": float(report.get("server_restarts", 0)),
             "self_play/servers_lost": float(len(report.get("servers_lost", []))),
+            "self_play/server_torch_threads": float(report.get("torch_threads", 0)),
             "data/served_transitions": float(report.get("served", 0)),
             "data/stored_transitions": float(stored),
             "time/serve": (t1 - t0) + (time.time() - t2), "time/self_play": t2 - t1}

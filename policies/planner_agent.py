@@ -35,6 +35,7 @@ from policies.checkpoint import CheckpointError, read_manifest, replace_director
 from policies.config import EnvConfig
 from policies.planner import PlannerConfig
 from policies.planner_policy import PlannerPolicy, from_parts, warm_policy_spec
+from simulators.cpus import local_ray_cpus
 
 PLANNER_FILE = "planner.pt"
 _NOT_SETTINGS = ("num_workers", "torch_threads")   # how it is run, not what the planner is
@@ -139,7 +140,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus or local_ray_cpus(), include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 

@@ -57,6 +57,7 @@ from policies.rllib_runners import (
     verify_runner_weights,
 )
 from policies.torch_policy import TorchPolicy
+from simulators.cpus import local_ray_cpus
 
 __all__ = ["CheckpointError", "PolicyTrainer", "SelfPlayError", "WeightSyncError", "build_rllib_config", "init_ray",
            "make_served_env", "runner_probe", "ENV_NAME", "HEAVY_MODULES", "TERMS"]
@@ -109,7 +110,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, include_da
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 1), **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or local_ray_cpus(), **kwargs)
 
 
 def _worker_pythonpath() -> str:

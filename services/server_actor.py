@@ -99,6 +99,12 @@ class SimulatorServerActor:
         self._staging = staging_dir(staging) if staging else None
         if self._staging is not None:
             config = _stage(config, self._staging)
+        if not config.torch_threads:
+            from simulators.cpus import usable_cpus
+
+            # Ray sets OMP_NUM_THREADS=1 in an actor that holds no CPU: torch would predict on one thread, not on
+            # every core as service.torch_threads=0 means outside Ray
+            config = dataclasses.replace(config, torch_threads=usable_cpus())
         self._recordings = Path(config.trajectory_dir) if config.trajectory_dir else None
         model = _load_world_model(config.world_model_path) if config.world_model_path and \
             Path(config.world_model_path).is_file() else None
@@ -119,7 +125,9 @@ class SimulatorServerActor:
 
     def report(self) -> dict:
         """Totals so far (served, stored, episodes, shards), the incarnation and recording errors."""
-        return {**self._server.report(), "address": self._address}
+        import torch
+
+        return {**self._server.report(), "address": self._address, "torch_threads": torch.get_num_threads()}
 
     def stop(self, grace: float = 5.0) -> dict:
         """Stop serving, write every session's recordings; returns ``report()``."""

@@ -7,6 +7,8 @@ import ray
 
 from services.client import SimulatorClient
 from services.config import ServerConfig
+from simulators import Reality
+from simulators.cpus import usable_cpus
 from simulators.dataset import TransitionDataset
 from simulators.world_model import WorldModel, WorldModelConfig
 
@@ -18,7 +20,8 @@ def test_server_actors_serve_sessions_and_flush_recordings_on_stop(tmp_path):
     wm = WorldModel("pendulum", 2, 1, WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1))
     wm.save(tmp_path / "wm.pt")
     configs = [ServerConfig(task="pendulum", engine="mujoco", world_model_path=str(tmp_path / "wm.pt"),
-                            trajectory_dir=str(tmp_path / f"shards{i}"), episode_offset=i * 10**6) for i in range(2)]
+                            trajectory_dir=str(tmp_path / f"shards{i}"), episode_offset=i * 10**6, torch_threads=i)
+               for i in range(2)]
     init_ray(2)
     actors, addresses = start_server_actors(configs)
     try:
@@ -32,10 +35,26 @@ def test_server_actors_serve_sessions_and_flush_recordings_on_stop(tmp_path):
                 for _ in range(7):
                     session.step(np.zeros((4, 1), np.float32))
     finally:
-        stop_server_actors(actors)
+        reports = stop_server_actors(actors)
+    # Ray gives an actor holding no CPU OMP_NUM_THREADS=1; service.torch_threads=0 still means every CPU
+    assert [r["torch_threads"] for r in reports] == [usable_cpus(), 1]
     for i in range(2):
         shards = sorted((tmp_path / f"shards{i}").glob("*.npz"))
         data = TransitionDataset.concat([TransitionDataset.load(p) for p in shards])
         assert len(data) == 4 * 7
         assert data.episode_ids.min() >= i * 10**6
         np.testing.assert_array_equal(data.actions, 0.0)
+
+
+def test_the_world_model_fit_task_uses_every_cpu_unless_told_otherwise():
+    """A 1-CPU Ray task gets OMP_NUM_THREADS=1 from Ray: ``world_model.num_threads=0`` is made explicit."""
+    from flywheel.parts import _fit_remote
+    from policies.rllib_adapter import init_ray
+
+    init_ray(2)
+    data = Reality("pendulum", engine="mujoco").collect(None, 400, n_envs=4, seed=0)
+    fit = ray.remote(_fit_remote).options(num_cpus=1)
+    for threads, expected in ((0, usable_cpus()), (1, 1)):
+        cfg = WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1, max_epochs=1, num_threads=threads)
+        _, metrics = ray.get(fit.remote("pendulum", data, cfg, None))
+        assert metrics["threads"] == expected

@@ -372,7 +372,8 @@ class WorldModel:
         return {"epochs": epoch, "best_epoch": best_epoch, "train_nll": train_nll,
                 "holdout_mse": one_step_error(self, hold if len(hold) else train),
                 "n_train": len(train), "n_holdout": len(hold), "seconds": seconds,
-                "transitions_per_second": epoch * n / max(seconds, 1e-9), "version": self.version}
+                "transitions_per_second": epoch * n / max(seconds, 1e-9), "threads": torch.get_num_threads(),
+                "version": self.version}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path) -> None:
