@@ -137,7 +137,7 @@ class Tracker:
         all_tags = {"flywheel.run_dir": str(run_dir.resolve()), "flywheel.task": cfg.task, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags=all_tags)
+        run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags=context_tags(all_tags))
         tracker = cls(uri, cfg.tracking.experiment, run.info.run_id)
         tracker.log_params(flatten(to_container(cfg)))
         tracker.client.log_text(tracker.run_id, to_yaml(cfg), "config/resolved.yaml")
@@ -232,6 +232,18 @@ def mlflow_client(uri: str):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client
+
+
+def context_tags(tags: dict) -> dict:
+    """``tags`` with the context tags ``mlflow.start_run`` adds and ``MlflowClient.create_run`` does not: the
+    user, the source (the command) and its git commit, which the MLflow UI shows as User, Source and Version."""
+    from mlflow.tracking.context import registry
+
+    try:
+        return registry.resolve_tags(tags)
+    except Exception as exc:  # noqa: BLE001 - a context provider's failure must not stop the run
+        logging.getLogger(__name__).warning("MLflow context tags not resolved (%s: %s)", type(exc).__name__, exc)
+        return dict(tags)
 
 
 def experiment_id(client, name: str, runs_root: str | Path) -> str:

@@ -27,6 +27,8 @@ def test_run_is_reopened_not_duplicated_and_metrics_are_logged_once(tmp_path):
     assert again.metric_history("capability/success_rate") == [(0, 0.25), (1, 0.5)]
     run = again.client.get_run(again.run_id)
     assert run.data.params["simulator.fidelity"] == str(cfg.simulator.fidelity)
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"   # as start_run adds
+    assert run.data.tags["mlflow.source.name"]
     assert [a.path for a in again.client.list_artifacts(again.run_id, "config")] == ["config/resolved.yaml"]
     runs = again.client.search_runs([run.info.experiment_id])
     assert len(runs) == 1
