@@ -69,6 +69,10 @@ class FailedPrecondition(SimulatorError):
     """A call out of order (e.g. a Step sequence number that skips ahead)."""
 
 
+class DataLoss(SimulatorError):
+    """Served transitions could not be recorded (the server's trajectory directory): the session stops serving."""
+
+
 class Unavailable(SimulatorError):
     """The server cannot be reached (after the retries)."""
 
@@ -90,6 +94,7 @@ _ERRORS = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,

@@ -235,7 +235,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
             if totals["error"]:
                 self._errors.append(totals["error"])
         if totals["error"]:
-            return ServiceError("FAILED_PRECONDITION", f"session {session.id}: {session.recorder.error}; "
+            return ServiceError("DATA_LOSS", f"session {session.id}: {session.recorder.error}; "
                                 f"{totals['transitions_served'] - totals['transitions_stored']} served transitions "
                                 "were not stored")
         return pb.CloseSessionResponse(transitions=session.recorder.recorded, shards=session.recorder.shards,

@@ -10,7 +10,7 @@ The server and ``LocalVectorEnv`` share this code. Calls of one session are seri
 Reset and Step carry a sequence number: the next number runs the call, a repeat of the last one is
 answered from the cache (a retried call never steps twice), anything else is out of order;
 ``seq == 0`` means untagged and always runs. Once the session's recorder failed to write a shard,
-Step and Reset answer FAILED_PRECONDITION with the path and the OS error: nothing is served unrecorded.
+Step and Reset answer DATA_LOSS with the path and the OS error: nothing is served unrecorded.
 A seed is an int or one int per env (the batch is then seeded from all of them, ``numpy.random.SeedSequence``).
 """
 
@@ -29,10 +29,15 @@ from services.client import SessionInfo
 from services.codec import decode_float, decode_mask, encode
 from services.proto.flywheel.simulator.v1 import simulator_pb2 as pb
 from services.recorder import Recorder
+from simulators.physics.base import InputError
 
 TERMS = ("task", "imagination", "physics")
 MAX_HORIZON = 1000   # the longest imagination window a grade takes (rewards.config)
 MAX_WEIGHT = 1e6   # a reward weight's bound: each term is O(1) per step, so totals stay far inside float32
+
+
+class InternalError(RuntimeError):
+    """A failure inside the server while serving a valid request (answered INTERNAL and logged with its trace)."""
 
 
 class ServiceError(Exception):
@@ -206,12 +211,18 @@ class SimSession:
         if not self._started:
             raise ServiceError("FAILED_PRECONDITION", f"session {self.id}: call Reset before Step")
         self.recorder.check()
-        r = self.sim.step(actions, hold) if self.batcher is None else self.batcher.step(self.sim, actions, hold)
-        grades = grade_step(r, self.engine, self.scale, self.reward_config)
-        done = np.asarray(r.terminated) | np.asarray(r.truncated)
-        live = slice(None) if hold is None or not np.any(hold) else ~np.asarray(hold, bool)
-        self.recorder.add(r.states[live], r.actions[live], r.next_states[live], r.episode_ids[live], r.steps[live],
-                          done[live], r.success[live], {k: v[live] for k, v in grades.items()})
+        try:
+            r = self.sim.step(actions, hold) if self.batcher is None else self.batcher.step(self.sim, actions, hold)
+            grades = grade_step(r, self.engine, self.scale, self.reward_config)
+            done = np.asarray(r.terminated) | np.asarray(r.truncated)
+            live = slice(None) if hold is None or not np.any(hold) else ~np.asarray(hold, bool)
+            self.recorder.add(r.states[live], r.actions[live], r.next_states[live], r.episode_ids[live],
+                              r.steps[live], done[live], r.success[live], {k: v[live] for k, v in grades.items()})
+        except InputError:
+            raise                                   # the request's actions or hold: INVALID_ARGUMENT
+        except ValueError as exc:                   # past the request's checks: the server's fault, not the client's
+            raise InternalError(f"session {self.id}: stepping failed inside the server "
+                                f"({type(exc).__name__}: {exc})") from exc
         return r, grades
 
     # -- over the wire -------------------------------------------------------------------------
@@ -235,7 +246,7 @@ class SimSession:
 
     def _check_recorder(self) -> None:
         if self.recorder.error is not None:
-            raise ServiceError("FAILED_PRECONDITION", f"session {self.id} stopped serving: {self.recorder.error}; "
+            raise ServiceError("DATA_LOSS", f"session {self.id} stopped serving: {self.recorder.error}; "
                                "the trajectory directory must be writable")
 
     def reset(self, seq: int, seed: int | list[int] | None) -> pb.ResetResponse:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simulators.physics import PhysicsEngine, make_engine
+from simulators.physics.base import InputError
 from simulators.tasks import Task, make_task
 
 MODES = ("blend", "reground")
@@ -210,7 +211,7 @@ class CorrectedSimulator:
         a = self.engine.check_actions(actions, B)
         held = np.zeros(B, bool) if hold is None else np.asarray(hold, bool).reshape(-1)
         if held.shape != (B,):
-            raise ValueError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
+            raise InputError(f"hold has shape {np.shape(hold)}, expected ({B},) (one flag per env)")
         # One WM call for both the correction (from s) and the imagination (from the imagined state); where they
         # are the same rows (every window starts at this step, or f = 0) they are computed once (one env: two rows
         # cost what one does). The values are the same where the model's rows do not depend on their batch

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.client import FailedPrecondition, SimulatorClient
+from services.client import DataLoss, SimulatorClient
 from services.config import ServerConfig
 from services.recorder import Recorder, RecordingError
 from services.server import ServerProcess
@@ -357,9 +357,9 @@ def test_unwritable_directory_fails_the_session_with_path_and_os_error(tmp_path,
             for _ in range(T):
                 session.step(random_actions(rng))
             message = rf"{raw}/s0-\w+-00000\.npz: \w+Error: \[Errno \d+\]"
-            with pytest.raises(FailedPrecondition, match=message):
+            with pytest.raises(DataLoss, match=message):
                 step_until_it_fails(session, rng)
-            with pytest.raises(FailedPrecondition, match=message):
+            with pytest.raises(DataLoss, match=message):
                 session.close()
             report = proc.stop()
     assert report["transitions_served"] > report["transitions_stored"] == 0
@@ -438,7 +438,7 @@ def test_stop_server_actors_raises_the_recording_error(tmp_path, wm_path, ray_st
             session.reset()
             for _ in range(T):
                 session.step(random_actions(rng))
-            with pytest.raises(FailedPrecondition, match=rf"{raw}/s0-\w+-00000\.npz: \w+Error: \[Errno \d+\]"):
+            with pytest.raises(DataLoss, match=rf"{raw}/s0-\w+-00000\.npz: \w+Error: \[Errno \d+\]"):
                 step_until_it_fails(session, rng)
             with pytest.raises(RecordingError, match=rf"cannot write trajectory shard {raw}/s0-\w+-00000\.npz: "
                                                      rf"\w+Error: \[Errno \d+\].*\(server {address}\)") as failed:

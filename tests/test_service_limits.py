@@ -201,3 +201,40 @@ def test_a_stalled_stream_gives_its_handler_thread_back_after_the_idle_lease():
             assert imagined.shape == (2, 3, 2)                      # the slot is free again
         report = proc.stop()
     assert report["streams_idle_cancelled"] == 1 and report["long_calls_refused"] == 0
+
+
+def test_a_failure_inside_the_server_is_internal_and_logged_not_the_clients_fault(monkeypatch, caplog):
+    """A ``ValueError`` past the request's checks (a numpy shape error in grading, say) is the server's fault:
+    INTERNAL with its trace in the server's log, not INVALID_ARGUMENT; bad actions stay INVALID_ARGUMENT."""
+    import grpc
+
+    from services import session as session_module
+    from services.client import InvalidArgument, SimulatorError
+
+    real, calls = session_module.grade_step, []
+
+    def grade_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("operands could not be broadcast together with shapes (2,) (3,)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "grade_step", grade_step)
+    server = serve(ServerConfig(task=TASK, engine="mujoco", port=0))
+    zeros = np.zeros((2, 1), np.float32)
+    try:
+        with SimulatorClient(server.address) as client, caplog.at_level("ERROR", logger="services.servicer"):
+            session = client.create_session(TASK, 2, seed=0)
+            session.reset()
+            with pytest.raises(InvalidArgument, match="actions: non-finite values"):
+                session.step(np.full((2, 1), np.nan, np.float32))
+            session.step(zeros)
+            session.step(zeros)
+            with pytest.raises(SimulatorError) as failed:
+                session.step(zeros)
+            assert failed.value.code == grpc.StatusCode.INTERNAL, failed.value
+            assert "stepping failed inside the server (ValueError: operands could not be broadcast" in failed.value.details
+        traced = [r for r in caplog.records if r.exc_info and "Step failed" in r.getMessage()]
+        assert traced and "operands could not be broadcast" in str(traced[0].exc_info[1].__cause__)
+    finally:
+        server.stop(0)

@@ -29,6 +29,10 @@ from simulators.tasks import Task
 from simulators.tasks.base import check_params
 
 
+class InputError(ValueError):
+    """A bad argument of a call (actions, states, a hold mask): the caller's mistake, not the engine's."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Sizes and bounds of an engine for one task."""
@@ -148,17 +152,17 @@ class EngineBase:
             a = a[:, None]
         expected = (n, self.spec.action_size)
         if a.shape != expected:
-            raise ValueError(f"{self.task.name}: actions have shape {a.shape}, expected {expected} (batch, action_size)")
+            raise InputError(f"{self.task.name}: actions have shape {a.shape}, expected {expected} (batch, action_size)")
         bad = ~np.isfinite(a).all(axis=1)
         if bad.any():
             idx = np.flatnonzero(bad)[:10].tolist()
-            raise ValueError(f"{self.task.name}: non-finite action in env(s) {idx}; actions must be finite")
+            raise InputError(f"{self.task.name}: non-finite action in env(s) {idx}; actions must be finite")
         return np.clip(a, self.spec.action_low, self.spec.action_high)
 
     def check_vectors(self, vec: np.ndarray) -> np.ndarray:
         v = np.asarray(vec, dtype=np.float64)
         if v.ndim != 2 or v.shape[1] != self.spec.state_size:
-            raise ValueError(f"{self.task.name}: state vectors have shape {v.shape}, expected (batch, {self.spec.state_size})")
+            raise InputError(f"{self.task.name}: state vectors have shape {v.shape}, expected (batch, {self.spec.state_size})")
         return v
 
     def initial_vectors(self, key: Any, n: int) -> np.ndarray:
