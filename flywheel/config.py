@@ -125,8 +125,8 @@ class ServiceSection(ServerConfig):
 @dataclass
 class RaySection:
     address: str | None = None   # None: a local ray.init() on this machine's cores
-    num_cpus: int | None = None
-    include_dashboard: bool = False
+    num_cpus: int | None = None  # a new local Ray's CPUs (None: what Ray detects, at least 2); not with address
+    include_dashboard: bool = False   # a new local Ray's dashboard; not with address
 
 
 @dataclass
@@ -316,6 +316,11 @@ def _check_combinations(cfg: FlywheelConfig) -> None:
         raise ConfigError(f"config key 'service.port' ({cfg.service.port}) is one fixed port for {servers} servers "
                           f"(self_play.num_servers); allowed: service.port=0 (each server picks a free port) or "
                           f"self_play.num_servers=1")
+    if cfg.ray.address and (cfg.ray.num_cpus is not None or cfg.ray.include_dashboard):
+        given = "ray.num_cpus" if cfg.ray.num_cpus is not None else "ray.include_dashboard"
+        raise ConfigError(f"config key '{given}' sizes a new local Ray; with 'ray.address' ({cfg.ray.address}) the run "
+                          "joins a running cluster, whose CPUs and dashboard `ray start` set; allowed: leave it unset "
+                          "with ray.address, or drop ray.address")
     length = make_task(cfg.task).episode_length
     if cfg.simulator.horizon > length:
         raise ConfigError(f"config key 'simulator.horizon' ({cfg.simulator.horizon}) is longer than a {cfg.task} episode "

@@ -180,6 +180,15 @@ def _yaml(path: Path) -> DictConfig:
     return node
 
 
+# RLlib's PPO / AlgorithmConfig names of the ``ppo`` section's keys: named in the error when a user gives them
+RLLIB_NAMES = {"clip_param": "clip", "vf_clip_param": "vf_clip", "lambda": "lambda_", "fcnet_hiddens": "hidden_sizes",
+               "fcnet_activation": "activation", "train_batch_size_per_learner": "train_batch_size",
+               "num_envs_per_env_runner": "num_envs_per_runner", "num_cpus_per_env_runner": "num_cpus_per_runner",
+               "max_num_env_runner_restarts": "max_runner_restarts",
+               "delay_between_env_runner_restarts_s": "restart_delay_s",
+               "num_sgd_iter": "num_epochs", "sgd_minibatch_size": "minibatch_size"}
+
+
 def _merge(where: str, cfg: DictConfig, layer: Any) -> DictConfig:
     """Merge a layer onto the structured config, turning OmegaConf errors into ``ConfigError``."""
     try:
@@ -190,7 +199,9 @@ def _merge(where: str, cfg: DictConfig, layer: Any) -> DictConfig:
         node = OmegaConf.select(cfg, parent) if parent else cfg
         allowed = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "(no sub-keys)"
         where_in = f"under '{parent}'" if parent else "at the top level"
-        raise ConfigError(f"unknown config key '{key}' (from {where}); allowed keys {where_in}: {allowed}") from None
+        name = str(key).rsplit(".", 1)[-1]
+        hint = f"; RLlib's {name} is 'ppo.{RLLIB_NAMES[name]}' here" if parent == "ppo" and name in RLLIB_NAMES else ""
+        raise ConfigError(f"unknown config key '{key}' (from {where}){hint}; allowed keys {where_in}: {allowed}") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         msg = str(exc).splitlines()[0]

@@ -31,7 +31,7 @@ class PPOConfig:
     vf_clip: float = 10.0               # value-function loss clip
     vf_loss_coeff: float = 0.5
     entropy_coeff: float = 0.0
-    kl_coeff: float = 0.0               # 0 turns the KL penalty off
+    kl_coeff: float = 0.0               # the KL penalty's initial coefficient (RLlib adapts it); 0 turns it off
     grad_clip: float = 0.5
     train_batch_size: int = 4000        # env steps per training iteration
     minibatch_size: int = 256
