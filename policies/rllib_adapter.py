@@ -209,7 +209,7 @@ class PolicyTrainer:
             "episode_return_mean": _float(runners.get("episode_return_mean")),
             "episode_len_mean": _float(runners.get("episode_len_mean")),
             "episodes": _int(runners.get("num_episodes")),
-            "success_rate": _float(runners.get("success_rate")),
+            "success_rate": _ratio(runners.get("served_successes"), runners.get("served_episodes")),
             "healthy_runners": int(self.algo.env_runner_group.num_healthy_remote_env_runners()),
             "runner_restarts": int(self.algo.env_runner_group.num_remote_worker_restarts()),
             "policy_loss": _float(learner.get("policy_loss")),
@@ -218,7 +218,7 @@ class PolicyTrainer:
             "lr": _float(learner.get("default_optimizer_learning_rate")),
             "time_s": float(seconds),
         }
-        m.update({f"reward/{t}": _float(runners.get(f"reward/{t}")) for t in TERMS})
+        m.update({f"reward/{t}": _ratio(runners.get(f"reward_sum/{t}"), runners.get("reward_steps")) for t in TERMS})
         return m
 
     @property
@@ -330,6 +330,12 @@ def _float(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _ratio(total, count) -> float:
+    """``total / count`` of two summed metrics; NaN when either is missing or nothing was counted."""
+    total, count = _float(total), _float(count)
+    return total / count if count > 0 else math.nan
 
 
 def _int(value) -> int:

@@ -168,8 +168,9 @@ class ServedRewardMetrics(RLlibCallback):
     """Logs the service's per-term rewards and episode success; syncs restarted runners before they sample."""
 
     def on_sample_end(self, *, env_runner=None, metrics_logger=None, samples=(), **kwargs) -> None:
-        """``reward/<term>``: the mean per-step reward of the steps in this sample (one value per sample, not
-        one per env step: per-step logging cost the sampler about as much as a Pendulum-v1 step)."""
+        """Sums of each term's per-step reward (``reward_sum/<term>``) and of the steps (``reward_steps``) in this
+        sample, one value per sample (per-step logging cost the sampler about as much as a Pendulum-v1 step).
+        Sums, not means: RLlib merges runners' means as a mean of means, whatever each runner sampled."""
         sums, steps = dict.fromkeys(TERMS, 0.0), 0
         for episode in samples:
             for info in episode.get_infos():
@@ -178,13 +179,15 @@ class ServedRewardMetrics(RLlibCallback):
                     for term in TERMS:
                         sums[term] += float(info[f"reward/{term}"])
         if steps and metrics_logger is not None:
+            metrics_logger.log_value("reward_steps", steps, reduce="sum")
             for term in TERMS:
-                metrics_logger.log_value(f"reward/{term}", sums[term] / steps, reduce="mean")
+                metrics_logger.log_value(f"reward_sum/{term}", sums[term], reduce="sum")
 
     def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
         info = episode.get_infos(-1)
-        if "success" in info:
-            metrics_logger.log_value("success_rate", float(bool(info["success"])), reduce="mean")
+        if "success" in info:                  # counts, summed over runners: the rate is per episode
+            metrics_logger.log_value("served_episodes", 1, reduce="sum")
+            metrics_logger.log_value("served_successes", int(bool(info["success"])), reduce="sum")
 
     def on_env_runners_recreated(self, *, algorithm, env_runner_group, env_runner_indices, is_evaluation,
                                  **kwargs) -> None:

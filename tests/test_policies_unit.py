@@ -113,3 +113,35 @@ def test_importing_policies_loads_neither_ray_nor_jax():
     code = "import sys, policies; print(any(m.split('.')[0] in ('ray', 'jax', 'flax') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_served_success_and_reward_terms_are_per_episode_and_per_step_over_all_runners():
+    """RLlib merges runners' ``reduce="mean"`` values as a mean of means; success and the reward terms are sums
+    merged across runners, so a runner that saw 1 episode weighs 1/10 beside one that saw 9."""
+    from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
+
+    from policies.rllib_adapter import _ratio
+    from policies.rllib_runners import ServedRewardMetrics
+
+    class Episode:
+        def __init__(self, infos):
+            self.infos = infos
+
+        def get_infos(self, index=None):
+            return self.infos if index is None else self.infos[index]
+
+    def runner(successes: list[bool], reward: float) -> dict:
+        logger, callbacks = MetricsLogger(), ServedRewardMetrics()
+        infos = [{"success": s, **{f"reward/{t}": reward for t in ("total", "task", "imagination", "physics")}}
+                 for s in successes]
+        for info in infos:
+            callbacks.on_episode_end(episode=Episode([info]), metrics_logger=logger)
+        callbacks.on_sample_end(metrics_logger=logger, samples=[Episode(infos)])
+        return logger.reduce()
+
+    root = MetricsLogger(root=True)
+    root.aggregate([runner([True], 1.0), runner([False] * 9, 0.0)])
+    merged = {k: v.peek() for k, v in root.reduce().items()}        # what the iteration's result holds
+    assert _ratio(merged["served_successes"], merged["served_episodes"]) == pytest.approx(0.1)
+    assert _ratio(merged["reward_sum/task"], merged["reward_steps"]) == pytest.approx(0.1)
+    assert np.isnan(_ratio(None, 0)) and np.isnan(_ratio(3, None))
