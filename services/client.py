@@ -102,6 +102,15 @@ _ERRORS = {
 }
 
 
+def _refused_stream(exc: grpc.RpcError) -> bool:
+    """Whether a StreamStep was refused for want of a stream slot (the server's trailing metadata says so)."""
+    try:
+        trailing = dict(exc.trailing_metadata() or ())
+    except Exception:  # noqa: BLE001 - an error raised before any metadata came
+        return False
+    return trailing.get("flywheel-refusal") == "stream-slots"
+
+
 def check_address(address: str) -> str:
     """A ``host:port`` (``[v6]:port``) target has a host and a port in [1, 65535]; other gRPC target forms
     (``dns:///...``, ``unix:...``) pass as they are."""
@@ -536,7 +545,7 @@ class _StepStream:
             if self._watchdog.fired:
                 raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.client.timeout:g} s "
                                        f"from {self.client.address}", "StreamStep") from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "stream" in (exc.details() or ""):
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _refused_stream(exc):
                 self.refused = True
                 return self.client.call("Step", request)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):   # same seq: cached if it ran

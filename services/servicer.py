@@ -39,6 +39,7 @@ SESSIONS_PER_INCARNATION = 2**16   # episode-id blocks per id range; a restart, 
 MAX_EPISODE_ID = 2**63 - 1
 TOTALS = ("transitions_served", "transitions_stored", "episodes_stored", "shards")
 CREATE_MARGIN_S = 0.05   # time a CreateSession answer needs to reach its caller
+REFUSAL_KEY, STREAM_SLOTS = "flywheel-refusal", "stream-slots"   # trailing metadata of a refused StreamStep
 MAX_DETAILS = 2000       # characters of an error message sent back (gRPC's status details share a 16 KiB header limit)
 
 
@@ -165,6 +166,7 @@ class SimulatorService(pb_grpc.SimulatorServicer):
     def StreamStep(self, request_iterator, context):
         if not self._hold():
             self.count("streams_refused")
+            context.set_trailing_metadata(((REFUSAL_KEY, STREAM_SLOTS),))     # machine-readable: clients fall back
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_held} stream slots of the server are "
                           "in use (workers - 1, shared with Imagine and Verify calls); step with unary Step calls")
         key, entry = id(context), [context, time.monotonic()]

@@ -238,3 +238,18 @@ def test_a_failure_inside_the_server_is_internal_and_logged_not_the_clients_faul
         assert traced and "operands could not be broadcast" in str(traced[0].exc_info[1].__cause__)
     finally:
         server.stop(0)
+
+
+def test_a_refused_stream_is_known_by_its_metadata_not_by_the_words_of_its_message():
+    from services.client import _refused_stream
+
+    class Refusal(Exception):
+        def __init__(self, trailing):
+            self.trailing = trailing
+
+        def trailing_metadata(self):
+            return self.trailing
+
+    assert _refused_stream(Refusal((("flywheel-refusal", "stream-slots"),)))
+    assert not _refused_stream(Refusal((("other", "stream"),)))         # "stream" in a message or key is not it
+    assert not _refused_stream(Refusal(None))
