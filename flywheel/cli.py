@@ -161,8 +161,9 @@ def _run(args) -> int:
     except Exception as exc:
         if not orch.failure_recorded:                   # failed before the run could record it (opening MLflow)
             raise
-        raise RuntimeError(f"{one_line(exc)} (traceback: {orch.run_dir / 'error.txt'}; mlflow run "
-                           f"{orch.tracker.run_id if orch.tracker else '-'}, tag flywheel.error)") from exc
+        where = f"traceback: {orch.error_file}; " if orch.error_file else "traceback: MLflow's error/traceback.txt; "
+        raise RuntimeError(f"{one_line(exc)} ({where}mlflow run {orch.tracker.run_id if orch.tracker else '-'}, "
+                           "tag flywheel.error)") from exc
     return 0
 
 

@@ -69,7 +69,8 @@ class Orchestrator:
         self.parent_run_id, self.run_name = parent_run_id, run_name
         self.store = TrajectoryStore(self.run_dir / "store")
         self.tracker: Tracker | None = None
-        self.failure_recorded = False   # error.txt and the MLflow tag hold this run's failure
+        self.failure_recorded = False   # the MLflow tag (and error.txt where it could be written) hold the failure
+        self.error_file: Path | None = None
         self.signals = stop_on_signals()
 
     # -- creating and resuming -----------------------------------------------------------------
@@ -175,11 +176,18 @@ class Orchestrator:
     def record_failure(self, exc: BaseException) -> None:
         """FAILED on MLflow, with the one-line cause as a tag and the traceback as an artifact and a file."""
         text = "".join(traceback.format_exception(exc))
-        (self.run_dir / "error.txt").write_text(text)
-        self.failure_recorded = True
+        logs = ray_logs_dir()
+        if logs:
+            text += f"\nRay's worker logs (simulator servers, EnvRunners, fit tasks): {logs}\n"
+        try:
+            (self.run_dir / "error.txt").write_text(text)
+            self.error_file = self.run_dir / "error.txt"
+        except OSError as write_error:              # a full or read-only disk: MLflow still gets the failure
+            self.say(f"cannot write {self.run_dir / 'error.txt'}: {write_error}")
         try:
             self.tracker.set_tag("flywheel.error", one_line(exc)[:5000])
             self.tracker.client.log_text(self.tracker.run_id, text, "error/traceback.txt")
+            self.failure_recorded = True
         finally:
             self.tracker.finish("FAILED")
 
@@ -193,6 +201,20 @@ class Orchestrator:
 
     def run_lap(self, lap: int) -> LapRecord:
         return run_lap(self.context(lap), self.parts, progress=self.say)
+
+
+def ray_logs_dir() -> str | None:
+    """Where this process's Ray writes its workers' output (servers' tracebacks among it); None without Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray._private import worker as ray_worker  # no public API names the session's log directory
+
+        return str(ray_worker._global_node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - a pointer for the reader only
+        return None
 
 
 def one_line(exc: BaseException) -> str:

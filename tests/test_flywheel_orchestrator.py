@@ -142,6 +142,20 @@ def status(orch):
     return run.info.status, run.data.tags
 
 
+def test_a_failure_whose_error_file_cannot_be_written_still_fails_the_mlflow_run(tmp_path, fakes):
+    fakes["fail_at"] = 0
+    orch = make(tmp_path, fakes)
+    (tmp_path / "run" / "error.txt").mkdir()                  # as a full or read-only disk would refuse the file
+    lines = []
+    orch.say = lines.append
+    with pytest.raises(Exception, match="lap 0 evaluate failed: Boom: reality went away"):
+        orch.run()
+    state, tags = status(orch)
+    assert state == "FAILED" and tags["flywheel.error"] == "lap 0 evaluate failed: Boom: reality went away"
+    assert orch.failure_recorded and orch.error_file is None
+    assert any(line.startswith(f"cannot write {tmp_path / 'run' / 'error.txt'}") for line in lines)
+
+
 def test_failed_stage_marks_run_failed_with_its_error_and_resume_finishes_it_once(tmp_path, fakes):
     run_dir = tmp_path / "run"
     fakes["fail_at"] = 1

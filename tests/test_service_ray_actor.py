@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import ray
 
@@ -38,6 +40,10 @@ def test_server_actors_serve_sessions_and_flush_recordings_on_stop(tmp_path):
         reports = stop_server_actors(actors)
     # Ray gives an actor holding no CPU OMP_NUM_THREADS=1; service.torch_threads=0 still means every CPU
     assert [r["torch_threads"] for r in reports] == [usable_cpus(), 1]
+    from flywheel.orchestrator import ray_logs_dir
+
+    logs = ray_logs_dir()                                     # a failed lap's error.txt points here
+    assert logs and any(p.name.startswith("worker-") for p in Path(logs).iterdir())
     for i in range(2):
         shards = sorted((tmp_path / f"shards{i}").glob("*.npz"))
         data = TransitionDataset.concat([TransitionDataset.load(p) for p in shards])
