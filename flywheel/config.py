@@ -236,6 +236,10 @@ def _check_choice(key: str, value: Any, allowed) -> None:
         raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
+# The largest run seed: runners, evaluations and laps derive theirs by adding offsets (1000 per runner, 7919 per
+# lap), and numpy and RLlib take seeds below 2**32
+MAX_SEED = 2**31 - 1
+
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
     ok = (value is not None and math.isfinite(value) and (lo is None or value > lo or (value == lo and not lo_open))
           and (hi is None or value <= hi))
@@ -250,7 +254,7 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
 def validate(cfg: FlywheelConfig) -> None:
     """Range and choice checks of the flywheel's own sections (sub-configs check themselves), then combinations."""
     _check_choice("task", cfg.task, TASKS)
-    _check_range("seed", cfg.seed, 0)
+    _check_range("seed", cfg.seed, 0, MAX_SEED)
     _check_range("laps", cfg.laps, 1)
     _check_choice("engine.name", cfg.engine.name, ENGINES)
     _check_choice("reality.engine", cfg.reality.engine, ENGINES)

@@ -205,6 +205,9 @@ def _merge(where: str, cfg: DictConfig, layer: Any) -> DictConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         msg = str(exc).splitlines()[0]
+        if key is not None and msg.startswith("Incompatible value 'None'"):   # key= with nothing after it
+            raise ConfigError(f"config key '{key}' (from {where}) was given no value; allowed: a value after '=' "
+                              f"(an empty string: {key}='\"\"')") from None
         if key is None:           # a whole section given a plain value: name the section
             sections = [k for k in (layer.keys() if isinstance(layer, DictConfig) else [])
                         if isinstance(OmegaConf.select(cfg, str(k)), DictConfig) and not isinstance(layer[k], DictConfig)]

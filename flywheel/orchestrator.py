@@ -115,6 +115,11 @@ class Orchestrator:
                                   + "\nrerun with --force to resume anyway")
             state["config_hash"] = config_hash(cfg)
             state.setdefault("forced", []).append({"time": time.time(), "diff": diff})
+        started = [p.parent.name for p in run_dir.glob("laps/lap_*/metrics.json")]
+        if started and cfg.laps < len(started):
+            raise ConfigError(f"laps={cfg.laps} is fewer than the {len(started)} laps {run_dir} has run "
+                              f"({min(started)} to {max(started)}); allowed: laps >= {len(started)} (more laps "
+                              "continue the run; its laps cannot be undone)")
         check_reachable(tracking_uri(cfg))
         check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
         cfg.run_dir = str(run_dir)

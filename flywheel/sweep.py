@@ -64,6 +64,8 @@ def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int | 
             bool(data.get("ablations", False)))
 
 
+MAX_SEED_COUNT = 1000   # --seeds N: more runs per setting than this is a seed written without its comma
+
 def parse_seeds(value: str | int | list) -> int | list[int]:
     """``--seeds``: a count (``5``: seed, seed+1, ...) or an explicit list (``1000,2000``, or a YAML list)."""
     items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
@@ -73,6 +75,10 @@ def parse_seeds(value: str | int | list) -> int | list[int]:
         raise ConfigError(f"--seeds is {value!r}; allowed: a count (e.g. 5) or a comma-separated list of seeds "
                           f"(e.g. 1000,2000)") from None
     explicit = isinstance(value, list) or "," in str(value)
+    if not explicit and seeds and seeds[0] > MAX_SEED_COUNT:
+        raise ConfigError(f"--seeds {value!r} is a count of seeds (runs seed, seed+1, ... per setting); allowed: a count "
+                          f"1 to {MAX_SEED_COUNT}, or seeds separated by commas (one seed: seed={seeds[0]}, or "
+                          f"--seeds '{seeds[0]},' with its comma)")
     if not seeds or (not explicit and seeds[0] < 1) or any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
         raise ConfigError(f"--seeds is {value!r}; allowed: a count >= 1, or distinct seeds >= 0 separated by commas")
     return seeds if explicit else seeds[0]

@@ -45,6 +45,8 @@ def test_layers_apply_in_order(tmp_path):
     (["bogus=1"], ["bogus", "simulator", "tracking"]),
     (["fidelity"], ["key=value"]),
     (["self_play.lanes=0"], ["self_play.lanes", "[1, 8]"]),
+    (["seed=4294967295"], ["seed", "[0, 2147483647]"]),
+    (["agent.warm_start="], ["agent.warm_start", "was given no value", "agent.warm_start='\"\"'"]),
     (["ppo.clip_param=0.3"], ["ppo.clip_param", "RLlib's clip_param is 'ppo.clip' here", "entropy_coeff"]),
     (["ppo.num_envs_per_env_runner=4"], ["RLlib's num_envs_per_env_runner is 'ppo.num_envs_per_runner' here"]),
     (["ray.address=10.0.0.1:6379", "ray.num_cpus=8"], ["ray.num_cpus", "ray.address", "running cluster"]),

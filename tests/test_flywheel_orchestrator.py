@@ -324,6 +324,10 @@ def test_new_run_refuses_an_existing_run_dir_and_more_laps_resume(tmp_path, fake
         Orchestrator.create(load_config([*TINY, f"runs_root={tmp_path}"]), tmp_path / "run")
     more = Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
     assert [r["lap"] for r in more.run()] == [0, 1]
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"laps=1 is fewer than the 2 laps .* allowed: laps >= 2"):
+        Orchestrator.resume(tmp_path / "run", ["laps=1"], parts=fakes["parts"])
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before      # refused: nothing rewritten
     forced = Orchestrator.resume(tmp_path / "run", ["selection.require_success=false"], force=True,
                                  parts=fakes["parts"])
     assert forced.cfg.selection.require_success is False
@@ -365,6 +369,9 @@ def test_sweep_seeds_are_the_users_own(tmp_path, fakes):
     for bad in ("0", "a,b", "5,5", "-1,2"):
         with pytest.raises(ConfigError, match="--seeds"):
             sweeps.parse_seeds(bad)
+    with pytest.raises(ConfigError, match=r"--seeds '31337' is a count of seeds .*one seed: seed=31337"):
+        sweeps.parse_seeds("31337")                              # one seed without its comma: 31,337 runs
+    assert sweeps.parse_seeds("1000") == 1000 and sweeps.parse_seeds("31337,") == [31337]
     with pytest.raises(ConfigError, match="grid key simulator.fidelity repeats the value.s. 0; allowed: distinct"):
         sweeps.parse_grid(["simulator.fidelity=0,0.5,0"])
     with pytest.raises(ConfigError, match="'seed' is a --grid axis and --seeds is given too"):
