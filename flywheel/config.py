@@ -240,6 +240,21 @@ def _check_choice(key: str, value: Any, allowed) -> None:
 # lap), and numpy and RLlib take seeds below 2**32
 MAX_SEED = 2**31 - 1
 
+def _check_warm_start(path: str, task_name: str) -> None:
+    """The planner's warm-start file is a readable PPO policy of this task's observations and actions."""
+    from policies.checkpoint import CheckpointError
+    from policies.torch_policy import TorchPolicy
+
+    try:
+        policy = TorchPolicy.load(path)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise ConfigError(f"config key 'agent.warm_start' ({path!r}) is not a PPO policy file: {exc}") from None
+    task = make_task(task_name)
+    if policy.observation_size != task.observation_size:
+        raise ConfigError(f"config key 'agent.warm_start' ({path!r}) is a policy of {policy.observation_size} "
+                          f"observations; task {task_name} has {task.observation_size}, so it is another task's "
+                          f"policy; allowed: a PPO policy file of a {task_name} run")
+
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
     ok = (value is not None and math.isfinite(value) and (lo is None or value > lo or (value == lo and not lo_open))
           and (hi is None or value <= hi))
@@ -362,6 +377,8 @@ def _check_agent(cfg: FlywheelConfig) -> None:
     if cfg.agent.warm_start and not Path(cfg.agent.warm_start).is_file():
         raise ConfigError(f"config key 'agent.warm_start' ({cfg.agent.warm_start!r}) is not a file; allowed: \"\" "
                           "(no warm start) or a PPO policy file such as runs/<run>/checkpoints/policy_lap003.pt")
+    if cfg.agent.warm_start:
+        _check_warm_start(cfg.agent.warm_start, cfg.task)
     from policies.planner import ObservationInverse
 
     try:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flywheel.config import ConfigError, load_config
@@ -73,3 +74,19 @@ def test_two_lap_planner_run_end_to_end(tmp_path):
     for c in carried:
         assert c["runner_digests"] == [c["start_digest"]] and c["end_digest"] == c["start_digest"]
     assert carried[1]["start_digest"] != carried[0]["start_digest"]     # another world model
+
+
+def test_a_warm_start_that_is_not_this_tasks_ppo_policy_is_refused_up_front(tmp_path):
+    from policies.torch_policy import TorchPolicy
+
+    cartpole = tmp_path / "cartpole_policy.pt"               # another task's policy: 5 observations, not 3
+    TorchPolicy(5, np.array([-1.0]), np.array([1.0]), [8]).save(str(cartpole))
+    with pytest.raises(ConfigError, match=r"policy of 5 observations; task pendulum has 3, so it is another task's"):
+        load_config(["agent.kind=planner", f"agent.warm_start={cartpole}"])
+    junk = tmp_path / "notes.pt"
+    junk.write_bytes(b"not a policy")
+    with pytest.raises(ConfigError, match=r"'agent.warm_start' .*notes.pt.* is not a PPO policy file"):
+        load_config(["agent.kind=planner", f"agent.warm_start={junk}"])
+    pendulum = tmp_path / "pendulum_policy.pt"
+    TorchPolicy(3, np.array([-2.0]), np.array([2.0]), [8]).save(str(pendulum))
+    assert load_config(["agent.kind=planner", f"agent.warm_start={pendulum}"]).agent.warm_start == str(pendulum)
