@@ -190,7 +190,8 @@ def _report(run_dir: Path) -> int:
         files = write_run_report(run_dir)
         _say(format_table(load_history(run_dir)))
     else:
-        raise ConfigError(f"{run_dir} is neither a flywheel run nor a sweep directory")
+        what = "does not exist" if not run_dir.exists() else "is neither a flywheel run nor a sweep directory"
+        raise ConfigError(f"{run_dir} {what} (a run directory holds state.json, a sweep directory sweep.json)")
     for f in files:
         _say(f"wrote {f}")
     return 0

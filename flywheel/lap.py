@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import re
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import FlywheelConfig
-from flywheel.store import TrajectoryStore
+from flywheel.store import TrajectoryStore, strict_json
 from simulators.dataset import atomic_write
 
 STAGES = ("seed", "self_play", "reality", "select", "retrain", "evaluate", "log")
@@ -177,17 +176,6 @@ def write_json(path: Path, data: dict) -> None:
     """``data`` as strict JSON (any JSON parser reads it): NaN and infinities are written as ``null``."""
     text = json.dumps(strict_json(data), indent=1, default=float, allow_nan=False).encode()
     atomic_write(path, lambda f: f.write(text))
-
-
-def strict_json(value):
-    """``value`` with every non-finite float (numpy's too) replaced by ``None``."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def finite_or_nan(metrics: dict) -> dict:

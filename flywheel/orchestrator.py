@@ -94,7 +94,11 @@ class Orchestrator:
         run_dir = Path(run_dir).resolve()
         state_path = run_dir / "state.json"
         if not state_path.exists():
-            raise ConfigError(f"{run_dir} is not a flywheel run directory (no state.json)")
+            if (run_dir / "sweep.json").exists():
+                raise ConfigError(f"{run_dir} is a sweep directory; continue a sweep with "
+                                  f"`flywheel sweep --run-dir {run_dir} ...` (its runs are its sub-directories)")
+            what = "does not exist" if not run_dir.exists() else "is not a flywheel run directory (no state.json)"
+            raise ConfigError(f"{run_dir} {what}")
         saved = load_config(base=run_dir / "config.yaml")
         cfg = load_config(overrides or [], base=run_dir / "config.yaml")
         state = read_json(state_path, "the run's state", ConfigError)

@@ -17,6 +17,7 @@ from flywheel.lap import finite_or_nan, read_json
 CAPABILITY = (("capability/success_rate", "success rate (reality)"), ("capability/return", "return (reality)"),
               ("world_model/open_loop_error", "WM open-loop error"), ("imagination/accuracy", "imagination accuracy"),
               ("physics/violation_rate", "physics-violation rate"), ("data/selected_trajectories", "selected episodes"))
+RATES = {"capability/success_rate", "imagination/accuracy", "physics/violation_rate"}   # in [0, 1]
 TABLE_COLUMNS = (("lap", "lap", "{:d}"), ("capability/success_rate", "success", "{:.2f}"),
                  ("capability/return", "return", "{:.1f}"), ("world_model/one_step_error", "wm 1-step", "{:.2e}"),
                  ("world_model/open_loop_error", "wm open-loop", "{:.2e}"), ("imagination/accuracy", "imag acc", "{:.2f}"),
@@ -75,6 +76,8 @@ def plot_capability(rows: list[dict], path: str | Path, title: str = "") -> Path
         ax.set_xlabel("lap")
         ax.xaxis.get_major_locator().set_params(integer=True)
         _log_scale_for_errors(ax, key)
+        if key in RATES:                  # a rate is drawn on its own range: an all-zero line is not centred on 0
+            ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         if laps:
             ax.set_xticks(laps)

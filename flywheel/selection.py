@@ -11,6 +11,8 @@ computed with ``np.unique``/``np.bincount`` (no loop over episodes).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from flywheel.config import SelectionSection
@@ -62,8 +64,9 @@ def select_episodes(data: TransitionDataset | None, config: SelectionSection,
     stats.update({f"rejected/{r}": int(m.sum()) for r, m in fails.items()})
     stats.update(episodes=n, selected_episodes=int(keep.sum()), complete_episodes=int(complete.sum()),
                  successful_episodes=int(success.sum()),
-                 mean_imagination_accuracy=float(np.nanmean(accuracy)) if np.isfinite(accuracy).any() else 0.0,
-                 mean_physics_violation=float(np.nanmean(violation)) if np.isfinite(violation).any() else 0.0)
+                 # no episode closed an imagination window: no value (NaN), not a perfect or a failing 0
+                 mean_imagination_accuracy=float(np.nanmean(accuracy)) if np.isfinite(accuracy).any() else math.nan,
+                 mean_physics_violation=float(np.nanmean(violation)) if np.isfinite(violation).any() else math.nan)
     mask = keep[inverse]
     stats["selected_transitions"] = int(mask.sum())
     return (data.select(mask) if mask.any() else None), stats

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import shutil
 import time
 import zipfile
@@ -72,7 +74,8 @@ class TrajectoryStore:
 
     def _write_manifest(self, rows: list[ShardEntry]) -> None:
         rows = sorted(rows, key=lambda r: (r.lap, r.kind))
-        text = json.dumps({"version": 1, "shards": [asdict(r) for r in rows]}, indent=1).encode()
+        text = json.dumps(strict_json({"version": 1, "shards": [asdict(r) for r in rows]}), indent=1,
+                          allow_nan=False).encode()
         atomic_write(self.manifest_path, lambda f: f.write(text))
 
     # -- shards --------------------------------------------------------------------------------
@@ -175,3 +178,14 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def strict_json(value):
+    """``value`` with every non-finite float (numpy's too) replaced by ``None``."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value) if math.isfinite(value) else None
+    return value

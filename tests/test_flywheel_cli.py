@@ -84,6 +84,8 @@ def test_flywheel_serve_refuses_a_world_model_no_session_could_use(tmp_path, cap
     (["run", "tracking.uri=sqlite:////proc/none/mlflow.db"], "its directory /proc/none cannot be made"),
     (["run", "tracking.uri=sqlite://mlflow.db"], "is not a SQLite URI of a file: sqlite:///<path>"),
     (["config", "show", "simulator=3"], "config key 'simulator' (from command line) is a section"),
+    (["run", "--resume", "/nonexistent/run"], "/nonexistent/run does not exist"),
+    (["report", "/nonexistent/run"], "/nonexistent/run does not exist (a run directory holds state.json"),
 ])
 def test_flywheel_run_bad_input_exits_2_with_one_line_before_anything_starts(args, message, tmp_path, capsys):
     from flywheel.cli import main
@@ -92,3 +94,12 @@ def test_flywheel_run_bad_input_exits_2_with_one_line_before_anything_starts(arg
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []                    # no run directory, no store
+
+
+def test_resuming_a_sweep_directory_points_at_sweep_run_dir(tmp_path, capsys):
+    from flywheel.cli import main
+
+    (tmp_path / "sweep.json").write_text("{}")
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a sweep directory; continue a sweep with `flywheel sweep --run-dir {tmp_path}" in err

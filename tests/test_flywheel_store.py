@@ -78,13 +78,19 @@ def test_selection_keeps_successful_accurate_plausible_episodes():
     assert stats["rejected/incomplete"] == 1
 
 
-def test_selection_only_counts_closed_windows_and_caps():
+def test_selection_only_counts_closed_windows_and_caps(tmp_path):
     data = episodes(4, 10, True)
     closed = (data.steps + 1) % 5 == 0
     data.rewards["imagination"] = np.where(closed, 0.9, 0.0).astype(np.float32)  # 0 where no window closed
     _, stats = select_episodes(data, SelectionSection(min_imagination_accuracy=0.8, max_episodes=3), horizon=5)
     assert stats["selected_episodes"] == 3 and stats["rejected/over_cap"] == 1
     assert stats["mean_imagination_accuracy"] == pytest.approx(0.9)
+    short = episodes(2, 3, True)                                  # 3-step episodes: no window of 5 ever closes
+    _, none_closed = select_episodes(short, SelectionSection(require_success=False), horizon=5)
+    assert np.isnan(none_closed["mean_imagination_accuracy"]) and np.isnan(none_closed["mean_physics_violation"])
+    store = TrajectoryStore(tmp_path)                             # the manifest stays strict JSON: null, not NaN
+    store.add(0, "selected", short, none_closed)
+    assert '"mean_imagination_accuracy": null' in store.manifest_path.read_text()
     assert select_episodes(None, SelectionSection(), 5) == (None, select_episodes(None, SelectionSection(), 5)[1])
 
 

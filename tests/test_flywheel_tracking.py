@@ -93,6 +93,24 @@ def test_run_report_rebuilds_from_the_run_directory(tmp_path):
     assert len(table) == 2 + 3 and "success" in table[0] and "0.20" in table[-1] and "-" in table[-1]
 
 
+def test_rate_panels_span_0_to_1_so_an_all_zero_rate_is_drawn_at_the_bottom(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from flywheel.report import plot_capability
+
+    limits, save = {}, matplotlib.figure.Figure.savefig
+
+    def saved(fig, *args, **kwargs):
+        limits.update({ax.get_title(): ax.get_ylim() for ax in fig.axes})
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saved)
+    plot_capability([{"lap": k, "capability/success_rate": 0.0, "capability/return": 10.0 + k} for k in range(3)],
+                    tmp_path / "capability.png")
+    assert limits["success rate (reality)"] == (-0.03, 1.03)
+    assert limits["return (reality)"] != (-0.03, 1.03)
+
+
 def test_sweep_summary_has_a_row_per_setting_with_mean_and_spread(tmp_path):
     runs = [{"setting": f"simulator.fidelity={f}", "seed": s,
              "rows": [{"lap": lap, "capability/success_rate": f * lap + 0.1 * s} for lap in range(3)]}
