@@ -164,13 +164,17 @@ def guard(ctx: LapContext, raw) -> dict:
     report = exploitation_gap(raw, ctx.reality_task(), engine, cfg.guard.max_episodes, cfg.guard.window)
     gap = report["return_gap"]
     flagged = bool(np.isfinite(gap) and gap > cfg.guard.threshold)
+    replayed = 0
     if flagged:
         ctx.say(f"WARNING model exploitation: self-play earned {gap:.3f} more task reward per step than the engine "
                 f"gives for the same actions ({report['episodes']} episodes replayed)")
         if cfg.guard.replay_on_flag:
             ctx.store.add(ctx.lap, "replay", report["replay"])
+            replayed = len(report["replay"])
+            ctx.say(f"guard: {replayed} engine-replayed transitions go to the world model's training data "
+                    "(guard.replay_on_flag)")
     return {"exploitation/return_gap": gap, "exploitation/flagged": float(flagged),
-            "exploitation/episodes": float(report["episodes"])}
+            "exploitation/episodes": float(report["episodes"]), "data/replay_transitions": float(replayed)}
 
 
 def _grade_means(raw, horizon: int) -> dict:

@@ -98,3 +98,23 @@ def test_a_negative_window_is_refused(pendulum):
     task, engine, data = pendulum
     with pytest.raises(ValueError, match="window must be >= 0"):
         exploitation_gap(data, task, engine, window=-1)
+
+
+def test_a_flagged_lap_stores_its_replay_and_counts_it(pendulum, tmp_path):
+    """The guard stage: a flagged lap's engine replay joins the training data as a ``replay`` shard, and
+    ``data/replay_transitions`` says how much (the table's transitions grow by it, with nothing selected)."""
+    from flywheel import stages
+    from flywheel.config import load_config
+    from flywheel.lap import LapContext
+    from flywheel.store import TrajectoryStore
+
+    task, engine, data = pendulum
+    cfg = load_config(["engine.name=mujoco", f"runs_root={tmp_path}"])
+    lines = []
+    ctx = LapContext(cfg, tmp_path, TrajectoryStore(tmp_path / "store"), lap=1, say=lines.append)
+    out = stages.guard(ctx, free_energy(task, engine, data))
+    replay = ctx.store.load(lap=1, kind="replay")
+    assert out["exploitation/flagged"] == 1.0 and out["data/replay_transitions"] == len(replay) > 0
+    assert any(line.startswith(f"guard: {len(replay)} engine-replayed transitions") for line in lines)
+    honest = stages.guard(LapContext(cfg, tmp_path, TrajectoryStore(tmp_path / "honest"), lap=1), data)
+    assert honest["exploitation/flagged"] == 0.0 and honest["data/replay_transitions"] == 0.0
