@@ -109,6 +109,11 @@ def plan_children(overrides: list[str], grid: dict[str, list[str]], seeds: int |
     """Every child run: each grid setting x seed, and with ``ablations`` beside each setting the same laps
     without world-model retraining, and (per reality) PPO trained directly in reality. Validated here."""
     base = load_config(overrides)
+    for setting in settings(grid):                            # a bad grid value is named as the grid's
+        try:
+            load_config([*overrides, *setting])
+        except ConfigError as exc:
+            raise ConfigError(f"--grid setting {' '.join(setting)}: {exc}") from None
     plan: list[tuple[str, str, list[str]]] = []              # (label, variant, extra overrides)
     for setting in settings(grid):
         label = " ".join(s for s in setting if not s.startswith("seed=")) or "base"

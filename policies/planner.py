@@ -60,8 +60,9 @@ class PlannerConfig:
         if int(self.torch_threads) < 0:
             raise ValueError(f"PlannerConfig.torch_threads must be >= 0 (0 = torch's own setting), "
                              f"got {self.torch_threads!r}")
-        if self.elites > self.candidates:
-            raise ValueError(f"PlannerConfig.elites ({self.elites}) must be <= candidates ({self.candidates})")
+        if self.method == "cem" and self.elites > self.candidates:   # mppi weights every candidate: no elites
+            raise ValueError(f"PlannerConfig.elites ({self.elites}) must be <= candidates ({self.candidates}) "
+                             "with method cem")
         for name, lo, hi in (("init_std", 0.0, 2.0), ("min_std", 0.0, 2.0), ("momentum", 0.0, 0.99),
                              ("discount", 0.0, 1.0)):
             value = getattr(self, name)

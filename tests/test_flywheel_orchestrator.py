@@ -372,6 +372,8 @@ def test_sweep_seeds_are_the_users_own(tmp_path, fakes):
     with pytest.raises(ConfigError, match=r"--seeds '31337' is a count of seeds .*one seed: seed=31337"):
         sweeps.parse_seeds("31337")                              # one seed without its comma: 31,337 runs
     assert sweeps.parse_seeds("1000") == 1000 and sweeps.parse_seeds("31337,") == [31337]
+    with pytest.raises(ConfigError, match=r"--grid setting simulator.fidelity=2: .*'simulator.fidelity'"):
+        sweeps.plan_children([*TINY], sweeps.parse_grid(["simulator.fidelity=0.5,2"]), 1)
     with pytest.raises(ConfigError, match="grid key simulator.fidelity repeats the value.s. 0; allowed: distinct"):
         sweeps.parse_grid(["simulator.fidelity=0,0.5,0"])
     with pytest.raises(ConfigError, match="'seed' is a --grid axis and --seeds is given too"):

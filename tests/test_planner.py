@@ -189,6 +189,10 @@ def test_warm_start_plans_around_the_policy(world):
     assert (plan.returns >= base - 1e-9).all()          # the policy's own sequence is a candidate
 
 
+def test_mppi_does_not_use_elites_so_they_are_not_checked_against_candidates():
+    assert PlannerConfig(method="mppi", elites=64, candidates=32).validate().elites == 64
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"method": "ilqr"}, "method is 'ilqr'; allowed: cem, mppi"),
     ({"elites": 64, "candidates": 32}, r"elites \(64\) must be <= candidates \(32\)"),
