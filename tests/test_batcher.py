@@ -52,28 +52,37 @@ def run_alone(sessions, steps):
     return [[s.advance(a, hold) for s, (a, hold) in zip(sessions, row, strict=True)] for row in steps]
 
 
-def run_coalesced(sessions, steps, batcher: StepBatcher):
-    results = [[None] * len(sessions) for _ in steps]
-    barrier = threading.Barrier(len(sessions))
+def in_threads(n: int, body, barrier: threading.Barrier) -> None:
+    """``body(i)`` in ``n`` threads at once; the first error is raised here (and breaks ``barrier`` for the rest)."""
     errors = []
 
     def worker(i: int) -> None:
         try:
-            sessions[i].batcher = batcher
-            for t, row in enumerate(steps):
-                barrier.wait()
-                results[t][i] = sessions[i].advance(*row[i])
+            body(i)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
             barrier.abort()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(sessions))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     if errors:
         raise errors[0]
+
+
+def run_coalesced(sessions, steps, batcher: StepBatcher):
+    results = [[None] * len(sessions) for _ in steps]
+    barrier = threading.Barrier(len(sessions))
+
+    def body(i: int) -> None:
+        sessions[i].batcher = batcher
+        for t, row in enumerate(steps):
+            barrier.wait()
+            results[t][i] = sessions[i].advance(*row[i])
+
+    in_threads(len(sessions), body, barrier)
     return results
 
 
@@ -208,28 +217,19 @@ def test_sessions_a_batch_once_missed_are_merged_again(tmp_path):
     sessions, _ = open_all(tmp_path, "pendulum")
     batcher = StepBatcher(max_wait_s=0.02)
     barrier = threading.Barrier(len(sessions), action=lambda: before.update(vars(copy.copy(batcher.stats))))
-    before, errors = {}, []
+    before = {}
 
-    def worker(i: int) -> None:
+    def body(i: int) -> None:
         s = sessions[i]
-        try:
-            s.batcher = batcher
-            for t in range(60):
-                if t == 10:
-                    time.sleep(0.03 * i)                 # each late in turn: the others' batches give up on it
-                if t == 20:
-                    barrier.wait()
-                s.advance(np.zeros((s.num_envs, 1)))
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-            barrier.abort()
+        s.batcher = batcher
+        for t in range(60):
+            if t == 10:
+                time.sleep(0.03 * i)                     # each late in turn: the others' batches give up on it
+            if t == 20:
+                barrier.wait()
+            s.advance(np.zeros((s.num_envs, 1)))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(sessions))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    in_threads(len(sessions), body, barrier)
     steps, batches = batcher.stats.steps - before["steps"], batcher.stats.batches - before["batches"]
     assert steps == 40 * len(sessions)
     assert batches <= 0.5 * steps, (before, batcher.stats)   # most batches hold more than one session's step
