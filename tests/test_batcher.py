@@ -235,3 +235,30 @@ def test_sessions_a_batch_once_missed_are_merged_again(tmp_path):
     assert batches <= 0.5 * steps, (before, batcher.stats)   # most batches hold more than one session's step
     for s in sessions:
         s.close()
+
+
+def test_a_late_session_is_waited_for_again_when_it_comes_during_a_batch_or_after_its_time(tmp_path):
+    """The rule itself, step by step: sessions stepped in turn by one client become late (no batch waits for
+    them); a late session whose step arrives while another batch computes is in time again, and any late mark
+    runs out after ``LATE_WAITS`` waits (without either, free-running clients could all stay late for good)."""
+    sessions, _ = open_all(tmp_path, "pendulum")
+    a, b = sessions[:2]
+    batcher = StepBatcher(max_wait_s=0.005)
+    zeros = {s: np.zeros((s.num_envs, 1)) for s in (a, b)}
+    for s in (a, b):
+        s.batcher = batcher
+    for _ in range(2):
+        for s in (a, b):                                     # in turn: each batch gives up on the other session
+            s.advance(zeros[s])
+    late = lambda s: id(s.sim) in batcher._late             # noqa: E731
+    assert late(a) and late(b)
+    batcher._busy.add(id(a.sim))                             # a's batch is being computed when b's step arrives
+    b.advance(zeros[b])
+    batcher._busy.clear()
+    assert not late(b) and late(a)
+    time.sleep(batcher._late_s + 0.01)                       # a's mark runs out: the next batch waits for a again
+    timeouts = batcher.stats.timeouts
+    b.advance(zeros[b])
+    assert batcher.stats.timeouts == timeouts + 1 and late(a)
+    for s in sessions:
+        s.close()
