@@ -30,9 +30,14 @@ def _episode_mean(values: np.ndarray, weights: np.ndarray, inverse: np.ndarray, 
 
 def select_episodes(data: TransitionDataset | None, config: SelectionSection,
                     horizon: int) -> tuple[TransitionDataset | None, dict]:
-    """Return the selected transitions (whole episodes) and stats: counts, rejections per reason, means."""
+    """Return the selected transitions (whole episodes) and stats: counts, rejections per reason, means.
+
+    ``rejected/<reason>`` counts each rejected episode once, under the first reason (in ``REASONS`` order) it
+    fails, so the counts add up to the episodes not selected; ``failed/<check>`` counts every episode failing
+    each check (an episode may fail several).
+    """
     stats = {"episodes": 0, "selected_episodes": 0, "selected_transitions": 0,
-             **{f"rejected/{r}": 0 for r in REASONS}}
+             **{f"rejected/{r}": 0 for r in REASONS}, **{f"failed/{r}": 0 for r in REASONS}}
     if data is None or len(data) == 0:
         return None, stats
     episodes, inverse = np.unique(data.episode_ids, return_inverse=True)
@@ -61,7 +66,11 @@ def select_episodes(data: TransitionDataset | None, config: SelectionSection,
         capped[order[: config.max_episodes]] = True
         fails["over_cap"] = keep & ~capped
         keep &= capped
-    stats.update({f"rejected/{r}": int(m.sum()) for r, m in fails.items()})
+    stats.update({f"failed/{r}": int(m.sum()) for r, m in fails.items()})
+    earlier = np.zeros(n, bool)
+    for reason, failing in fails.items():     # dicts keep REASONS' order
+        stats[f"rejected/{reason}"] = int((failing & ~earlier).sum())
+        earlier |= failing
     stats.update(episodes=n, selected_episodes=int(keep.sum()), complete_episodes=int(complete.sum()),
                  successful_episodes=int(success.sum()),
                  # no episode closed an imagination window: no value (NaN), not a perfect or a failing 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flywheel.config import SelectionSection
-from flywheel.selection import select_episodes
+from flywheel.selection import REASONS, select_episodes
 from flywheel.store import TrajectoryStore
 from simulators.dataset import SOURCE_SIM, TransitionDataset
 
@@ -76,6 +76,21 @@ def test_selection_keeps_successful_accurate_plausible_episodes():
     assert stats["rejected/low_imagination_accuracy"] == 2
     assert stats["rejected/high_physics_violation"] == 2
     assert stats["rejected/incomplete"] == 1
+
+
+def test_each_rejected_episode_is_counted_once_under_its_first_reason():
+    data = TransitionDataset.concat([
+        episodes(2, 10, True, first_id=0),                                    # kept
+        episodes(3, 10, False, first_id=10, imagination=0.2, physics=-0.9),   # fails three checks
+        episodes(1, 10, False, first_id=20, complete=False),                  # incomplete (so not successful either)
+    ])
+    cfg = SelectionSection(require_success=True, min_imagination_accuracy=0.5, max_physics_violation=0.5)
+    _, stats = select_episodes(data, cfg, horizon=5)
+    rejected = {r: stats[f"rejected/{r}"] for r in REASONS}
+    assert rejected == {"incomplete": 1, "not_successful": 3, "low_imagination_accuracy": 0,
+                        "high_physics_violation": 0, "over_cap": 0}
+    assert sum(rejected.values()) == stats["episodes"] - stats["selected_episodes"] == 4
+    assert stats["failed/low_imagination_accuracy"] == 3 and stats["failed/high_physics_violation"] == 3
 
 
 def test_selection_only_counts_closed_windows_and_caps(tmp_path):
