@@ -193,7 +193,7 @@ def run_lap(ctx: LapContext, parts: LapParts, progress: Callable[[str], None] = 
         if name in rec.stages:
             return
         ctx.check_stop()
-        progress(f"lap {ctx.lap}/{ctx.cfg.laps - 1} | {name}")
+        progress(f"lap {ctx.lap} ({ctx.lap + 1} of {ctx.cfg.laps}) | {name}")
         t0 = time.time()
         try:
             metrics = body()

@@ -51,7 +51,7 @@ def test_two_lap_smoke_run_end_to_end(tmp_path):
         line = next(x for x in out.splitlines() if x.startswith(when))
         assert str(run_dir) in line and tracker.uri in line and tracker.run_id in line
     for stage in ("seed", "self_play", "select", "retrain", "evaluate", "log"):
-        assert f"lap 0/1 | {stage}" in out
+        assert f"lap 0 (1 of 2) | {stage}" in out
     for key in REQUIRED:
         expected = [0] if key == "time/seed" else [0, 1]
         assert steps_of(tracker, key) == expected, key
@@ -97,7 +97,7 @@ def test_killed_during_lap_one_resumes_without_duplicates(tmp_path):
     policy_mtime = (run_dir / "checkpoints" / "policy_lap001.pt").stat().st_mtime
 
     out = finish(flywheel("run", "--resume", str(run_dir)))
-    assert f"lap 1/1 | {done_before[-1]}" not in out and "lap 0/1" not in out   # finished stages are not rerun
+    assert f"lap 1 (2 of 2) | {done_before[-1]}" not in out and "lap 0 (1 of 2)" not in out   # finished stages are not rerun
     assert Tracker.attach(run_dir).run_id == tracker.run_id
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
     for key in REQUIRED:

@@ -205,5 +205,5 @@ def test_one_smoke_lap_on_a_runtime_task(slider, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     for stage in ("seed", "self_play", "select", "retrain", "evaluate", "log"):
-        assert f"lap 0/0 | {stage}" in out.stdout
+        assert f"lap 0 (1 of 1) | {stage}" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "wm_lap000.pt").exists()
