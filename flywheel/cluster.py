@@ -117,9 +117,9 @@ def alive_nodes() -> list[Node]:
 
 
 def plan_servers(placement: str, count: int, per_node: int, num_gpus: float, nodes: list[Node],
-                 driver: str = "") -> list[str]:
+                 driver: str = "", num_cpus: float = 0.0) -> list[str]:
     """One node id per server: ``count`` spread round-robin (``spread``) or ``per_node`` on each node (``per_node``),
-    over the nodes with ``num_gpus`` GPUs (all nodes when 0), the driver's node first."""
+    over the nodes with ``num_gpus`` GPUs and ``num_cpus`` CPUs (all nodes when 0), the driver's node first."""
     if placement not in PLACEMENTS:
         raise ConfigError(f"config key 'service.placement' is {placement!r}; allowed: {', '.join(PLACEMENTS)}")
     fit = [n for n in nodes if num_gpus <= 0 or float(n.resources.get("GPU", 0)) >= num_gpus]
@@ -127,6 +127,12 @@ def plan_servers(placement: str, count: int, per_node: int, num_gpus: float, nod
         have = ", ".join(f"{n.ip} ({n.node_id[:8]}): {n.resources.get('GPU', 0):g} GPU" for n in nodes) or "none"
         raise ClusterError(f"no Ray node has the {num_gpus:g} GPU(s) a simulator server asks for (service.num_gpus); "
                            f"alive nodes: {have}; allowed: service.num_gpus=0, or add GPU nodes")
+    fit = [n for n in fit if num_cpus <= 0 or float(n.resources.get("CPU", 0)) >= num_cpus]
+    if not fit:
+        have = ", ".join(f"{n.ip} ({n.node_id[:8]}): {n.resources.get('CPU', 0):g} CPU" for n in nodes) or "none"
+        raise ClusterError(f"no Ray node{' with the GPUs' if num_gpus > 0 else ''} has the {num_cpus:g} CPU(s) a simulator "
+                           f"server asks for (service.num_cpus); alive nodes: {have}; allowed: a smaller "
+                           f"service.num_cpus (0: the server reserves none)")
     fit.sort(key=lambda n: n.node_id != driver)
     if placement == "per_node":
         return [n.node_id for n in fit for _ in range(per_node)]
@@ -139,7 +145,7 @@ def server_nodes(cfg: FlywheelConfig) -> list[str]:
 
     svc = cfg.service
     return plan_servers(svc.placement, cfg.self_play.num_servers, svc.servers_per_node, float(svc.num_gpus),
-                        alive_nodes(), ray.get_runtime_context().get_node_id())
+                        alive_nodes(), ray.get_runtime_context().get_node_id(), float(svc.num_cpus))
 
 
 def check_ports(port: int, nodes: list[str]) -> None:

@@ -168,6 +168,19 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), base: str | Path | 
     return load_config_with_origins(overrides, base, config_dir)[0]
 
 
+# a section's own check names its class; the user wrote the section's key
+CONFIG_CLASS_KEYS = {"ServerConfig.": "service.", "WorldModelConfig.": "world_model.", "PlannerConfig.": "agent.",
+                     "PPOConfig.": "ppo.", "RewardConfig.": "rewards."}
+
+
+def _keyed(exc: BaseException) -> str:
+    """The first line of a section's error with its class name (``ServerConfig.port``) as the config key (``service.port``)."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for cls, key in CONFIG_CLASS_KEYS.items():
+        line = line.replace(cls, key)
+    return line
+
+
 def load_config_with_origins(overrides: list[str] | tuple[str, ...] = (), base: str | Path | None = None,
                              config_dir: str | Path = CONFIG_DIR) -> tuple[FlywheelConfig, Composed]:
     """``load_config`` and the composition it came from (``Composed.origin(key)`` names each value's layer)."""
@@ -175,7 +188,7 @@ def load_config_with_origins(overrides: list[str] | tuple[str, ...] = (), base: 
     try:
         obj = OmegaConf.to_object(composed.node)
     except (ValueError, TypeError) as exc:  # a section's own __post_init__ checks
-        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"invalid config: {_keyed(exc)}") from exc
     except Exception as exc:  # an interpolation that does not resolve
         raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
     validate(obj)
@@ -201,7 +214,7 @@ def load_service_config(overrides: list[str] | tuple[str, ...] = (), **per_run: 
         return replace(cfg.service, task=cfg.task, engine=cfg.engine.name, engine_params=vars(cfg.engine.params),
                        seed=cfg.seed, reward=cfg.rewards, **per_run)
     except ValueError as exc:
-        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"invalid config: {_keyed(exc)}") from None
 
 
 def format_config(cfg: FlywheelConfig, composed: Composed) -> str:
@@ -303,7 +316,7 @@ def validate(cfg: FlywheelConfig) -> None:
     try:
         cfg.ppo.validate()
     except ValueError as exc:
-        raise ConfigError(f"invalid config section 'ppo': {exc}") from None
+        raise ConfigError(f"invalid config section 'ppo': {_keyed(exc)}") from None
     _check_agent(cfg)
     if not cfg.tracking.experiment:
         raise ConfigError("config key 'tracking.experiment' is empty; allowed: a non-empty experiment name")

@@ -44,6 +44,7 @@ class ServerConfig:
     tls_key_file: str | None = None                 # PEM private key of tls_cert_file
     tls_client_ca_file: str | None = None           # PEM CA of client certificates: mutual TLS (clients must show one)
     num_gpus: float = 0.0                           # GPUs a server actor asks Ray for (JAX engines use them)
+    num_cpus: float = 0.0                           # CPUs a server actor reserves from Ray (0: none; it shares its node's)
     max_restarts: int = 3                           # times Ray restarts a killed server actor (same port)
     seed: int = 0                                   # seed of the untrained world model
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -78,8 +79,9 @@ class ServerConfig:
             raise ValueError("ServerConfig.tls_cert_file and tls_key_file go together: give both (PEM files) or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("ServerConfig.tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file too")
-        if not float(self.num_gpus) >= 0:
-            raise ValueError(f"ServerConfig.num_gpus must be >= 0, got {self.num_gpus!r}")
+        for name in ("num_gpus", "num_cpus"):
+            if not 0 <= float(getattr(self, name)) <= 1024:
+                raise ValueError(f"ServerConfig.{name} must be in [0, 1024], got {getattr(self, name)!r}")
         if not self.host or self.host.startswith("[") != self.host.endswith("]") or not re.fullmatch(
                 r"\[?[A-Za-z0-9.:%_-]+\]?", self.host):
             raise ValueError(f"ServerConfig.host must be a host name or address (e.g. 127.0.0.1, ::1, [::1], 0.0.0.0), "

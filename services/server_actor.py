@@ -241,7 +241,8 @@ def _prepare_on(p: Placement, host: str) -> Any:
 
 def start_server_actors(configs: list[ServerConfig], placements: list[Placement] | None = None,
                         timeout_s: float = 300.0) -> tuple[list, list[str]]:
-    """Start one restartable actor per config (GPU where ``num_gpus`` asks, on its ``Placement``) and wait until each serves.
+    """Start one restartable actor per config (the ``num_gpus`` and ``num_cpus`` it asks for, on its ``Placement``) and wait
+    until each serves.
 
     A config with ``port=0`` gets a port that is free on the actor's node first, so that a restarted
     actor binds the same one; a staged actor's world model is written on its node before it starts (the
@@ -259,7 +260,7 @@ def start_server_actors(configs: list[ServerConfig], placements: list[Placement]
     actors = []
     try:
         for c, p in zip(configs, placements):
-            options = {"num_gpus": c.num_gpus or None, "max_restarts": int(c.max_restarts),
+            options = {"num_gpus": c.num_gpus or None, "num_cpus": float(c.num_cpus), "max_restarts": int(c.max_restarts),
                        "max_task_retries": -1 if c.max_restarts else 0, "scheduling_strategy": _pinned(p.node_id)}
             args = (c, p.staging) if p.staging else (c,)
             actors.append(SimulatorServerActor.options(**options).remote(*args))

@@ -42,6 +42,9 @@ def test_spread_placement_goes_round_robin_from_the_driver_node():
 def test_placement_without_a_fitting_node_names_what_is_missing():
     with pytest.raises(ClusterError, match=r"service.num_gpus.*10.0.0.4.*0 GPU.*allowed: service.num_gpus=0"):
         plan_servers("per_node", 1, 1, 1.0, [CPU_C])
+    assert plan_servers("per_node", 1, 1, 0.0, NODES, driver="head", num_cpus=16) == ["cpu-c"]
+    with pytest.raises(ClusterError, match=r"no Ray node with the GPUs has the 12 CPU\(s\).*service.num_cpus.*10.0.0.3.*8 CPU"):
+        plan_servers("per_node", 1, 1, 1.0, NODES, num_cpus=12)
     with pytest.raises(ConfigError, match="service.placement.*allowed: spread, per_node"):
         plan_servers("anywhere", 1, 1, 0.0, NODES)
 

@@ -41,17 +41,17 @@ def test_flywheel_serve_prints_its_address_serves_and_stops_on_sigterm():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--port", "99999"], "ServerConfig.port must be in [0, 65535], got 99999"),
+    (["--port", "99999"], "service.port must be in [0, 65535], got 99999"),
     (["--task", "nope"], "config key 'task' is 'nope'; allowed:"),
     (["--param", "mass_scale=abc"], "engine.params.mass_scale"),
     (["--param", "speed=2"], "unknown config key 'engine.params.speed'"),
     (["--engine", "nope"], "config key 'engine.name' is 'nope'; allowed:"),
     (["--world-model", "/nonexistent/wm.pt"], "no world-model file at /nonexistent/wm.pt"),
-    (["service.max_sessions=0"], "ServerConfig.max_sessions must be >= 1"),
+    (["service.max_sessions=0"], "service.max_sessions must be >= 1"),
     (["ppo.lr=0.1"], "config key 'ppo.lr' does not configure a simulator server"),
     (["--host", "0.0.0.0"], "listens beyond loopback, so the server needs a token"),
     (["service.token_file=/nonexistent/token"], "cannot read the token file /nonexistent/token"),
-    (["--host", "[::1"], "ServerConfig.host must be a host name or address"),
+    (["--host", "[::1"], "service.host must be a host name or address"),
 ])
 def test_flywheel_serve_bad_input_exits_2_with_one_line_before_binding(args, message, capsys, monkeypatch):
     from flywheel.cli import main

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,21 @@ def test_server_actors_serve_sessions_and_flush_recordings_on_stop(tmp_path):
     wm = WorldModel("pendulum", 2, 1, WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1))
     wm.save(tmp_path / "wm.pt")
     configs = [ServerConfig(task="pendulum", engine="mujoco", world_model_path=str(tmp_path / "wm.pt"),
-                            trajectory_dir=str(tmp_path / f"shards{i}"), episode_offset=i * 10**6, torch_threads=i)
+                            trajectory_dir=str(tmp_path / f"shards{i}"), episode_offset=i * 10**6, torch_threads=i,
+                            num_cpus=i)
                for i in range(2)]
     init_ray(2)
     actors, addresses = start_server_actors(configs)
     try:
         assert len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
         assert len({ray.get(a.pid.remote()) for a in actors}) == 2
+        reserved = 0.0
+        for _ in range(100):                                  # Ray's resource view catches up within a moment
+            reserved = ray.cluster_resources()["CPU"] - ray.available_resources().get("CPU", 0.0)
+            if reserved == 1.0:
+                break
+            time.sleep(0.1)
+        assert reserved == 1.0                                # service.num_cpus=1 holds one of Ray's CPUs; 0 holds none
         for address in addresses:
             with SimulatorClient(address) as client:
                 assert client.health() == "SERVING"
