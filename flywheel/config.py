@@ -348,6 +348,11 @@ def _check_combinations(cfg: FlywheelConfig) -> None:
         raise ConfigError(f"config key 'service.port' ({cfg.service.port}) is one fixed port for {servers} servers "
                           f"(self_play.num_servers); allowed: service.port=0 (each server picks a free port) or "
                           f"self_play.num_servers=1")
+    if str(cfg.ray.address or "").strip().lower().startswith("ray://"):
+        raise ConfigError(f"config key 'ray.address' is {cfg.ray.address!r}, a Ray Client address: the driver would run "
+                          "here while its Ray work runs on the head, and the run directory, trajectory store and "
+                          "checkpoints are the driver's local files; allowed: run flywheel on a cluster node with "
+                          "ray.address=auto (or <head ip>:6379), e.g. through `ray attach` or `ray job submit`")
     if cfg.ray.address and (cfg.ray.num_cpus is not None or cfg.ray.include_dashboard):
         given = "ray.num_cpus" if cfg.ray.num_cpus is not None else "ray.include_dashboard"
         raise ConfigError(f"config key '{given}' sizes a new local Ray; with 'ray.address' ({cfg.ray.address}) the run "
