@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # GPU=1: CUDA builds of torch (PyTorch's index) and jax (the `gpu` extra), both for CUDA 13; JAX may then use the GPU.
 GPU ?=
 TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/cu130
+# TORCH_INDEX: where the CPU build of torch comes from (empty: pip's configured index; from plain PyPI, whose Linux
+# wheel is the CUDA build, give https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu,)
 ifeq ($(GPU),)
 export JAX_PLATFORMS ?= cpu
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 ifeq ($(GPU),)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(BIN)/pip install --quiet -e '.[dev]'
 else
 	$(BIN)/pip install --quiet 'torch==2.13.0+cu130' --index-url $(TORCH_CUDA_INDEX)

@@ -15,6 +15,7 @@ import numpy as np
 
 from flywheel.config import FlywheelConfig
 from flywheel.lap import EPISODE_STRIDE, LapContext, LapParts, Served
+from simulators.dataset import atomic_write
 
 
 def init_ray(cfg: FlywheelConfig) -> None:
@@ -245,8 +246,9 @@ def evaluate_in_reality(ctx: LapContext) -> dict:
     real0 = ep.states[0, : k * H + 1]
     imag0 = np.concatenate([ep.states[0, :1], imagined.reshape(B, k * H, S)[0]])
     ctx.lap_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(ctx.lap_dir / "trajectory.npz", real=real0, imagined=imag0, dt=engine.spec.control_dt, horizon=H,
-             labels=np.array(engine.spec.state_names))
+    atomic_write(ctx.lap_dir / "trajectory.npz", lambda f: np.savez(f, real=real0, imagined=imag0, horizon=H,
+                                                                     dt=engine.spec.control_dt,
+                                                                     labels=np.array(engine.spec.state_names)))
     ctx.say(f"evaluate: success {ev['success_rate']:.2f}, return {ev['return_mean']:.1f} over {ev['episodes']} "
             f"reality episodes")
     return {"capability/success_rate": ev["success_rate"], "capability/return": ev["return_mean"],

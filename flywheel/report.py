@@ -7,7 +7,9 @@ Everything reads what a run directory already holds (``laps/lap_NNN/metrics.json
 
 from __future__ import annotations
 
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +123,16 @@ def write_run_report(run_dir: str | Path) -> list[Path]:
         lap = rows[-1]["lap"]
         traj = run_dir / "laps" / f"lap_{lap:03d}" / "trajectory.npz"
         if traj.exists():
-            with np.load(traj) as z:
-                files.append(plot_trajectory(z["real"], z["imagined"], float(z["dt"]),
-                                             out / f"trajectory_lap{lap:03d}.png", int(z["horizon"]),
-                                             labels=[str(x) for x in z["labels"]] if "labels" in z.files else None,
-                                             title=f"lap {lap}: imagined vs real (reality episode 0)"))
+            try:
+                with np.load(traj) as z:
+                    real, imagined, dt, horizon = z["real"], z["imagined"], float(z["dt"]), int(z["horizon"])
+                    labels = [str(x) for x in z["labels"]] if "labels" in z.files else None
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                # the plot is not the lap's data: the rest of the report is still made, and the damage is named
+                print(f"report: no trajectory plot for lap {lap}: {traj} cannot be read ({exc})", file=sys.stderr)
+            else:
+                files.append(plot_trajectory(real, imagined, dt, out / f"trajectory_lap{lap:03d}.png", horizon,
+                                             labels=labels, title=f"lap {lap}: imagined vs real (reality episode 0)"))
     (out / "table.txt").write_text(format_table(rows) + "\n")
     files.append(out / "table.txt")
     return files

@@ -93,6 +93,15 @@ def test_run_report_rebuilds_from_the_run_directory(tmp_path):
     assert len(table) == 2 + 3 and "success" in table[0] and "0.20" in table[-1] and "-" in table[-1]
 
 
+def test_a_damaged_trajectory_file_costs_its_plot_only_and_is_named(tmp_path, capsys):
+    _fake_run(tmp_path)
+    traj = tmp_path / "laps" / "lap_002" / "trajectory.npz"
+    traj.write_bytes(traj.read_bytes()[:100])                      # truncated
+    names = sorted(f.name for f in write_run_report(tmp_path))
+    assert names == ["capability.png", "table.txt"]
+    assert f"no trajectory plot for lap 2: {traj} cannot be read" in capsys.readouterr().err
+
+
 def test_rate_panels_span_0_to_1_so_an_all_zero_rate_is_drawn_at_the_bottom(tmp_path, monkeypatch):
     import matplotlib.figure
 
