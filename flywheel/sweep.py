@@ -54,7 +54,21 @@ def load_spec(path: str | Path) -> tuple[list[str], dict[str, list[str]], int | 
     """A sweep file: ``overrides`` (list), ``grid`` (key -> list of values), ``seeds`` and ``ablations``."""
     from omegaconf import OmegaConf
 
-    data = OmegaConf.to_container(OmegaConf.load(path))
+    from flywheel.config import CONFIG_DIR
+
+    path = Path(path)
+    packaged = CONFIG_DIR.parent / path          # configs/sweep/... of the installed package, from any directory
+    if not path.is_file() and not path.is_absolute() and packaged.is_file():
+        path = packaged
+    if not path.is_file():
+        shipped = ", ".join(f"configs/sweep/{p.name}" for p in sorted((CONFIG_DIR / "sweep").glob("*.yaml")))
+        raise ConfigError(f"sweep file {path} does not exist; the shipped ones: {shipped or 'none'}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # noqa: BLE001 - YAML errors come in several types
+        raise ConfigError(f"sweep file {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {path} is not a mapping of overrides, grid, seeds and ablations")
     unknown = set(data) - {"overrides", "grid", "seeds", "ablations"}
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep file {path}; allowed: overrides, grid, seeds, "
