@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import sys
 
 # RLlib imports JAX (via flax) at import time unless told not to; policy workers are torch-only.
@@ -43,6 +44,27 @@ TERMS = ("task", "imagination", "physics", "total")
 HEAVY_MODULES = ("jax", "jaxlib", "mujoco.mjx", "brax")
 SYNC_TIMEOUT_S = 120.0
 _runner_index = 0  # set in each EnvRunner process before its env is made
+_env_seed: int | None = None  # the seed this process's env was made with (``runner_probe``)
+RESTART_SEED_BASE = 2**32     # a restarted runner's env seeds lie above every first runner's (seed + 1000 * index)
+
+
+def env_seed(base: int) -> int:
+    """The env seed of this runner: ``base``, or in a runner Ray restarted a fresh one above ``RESTART_SEED_BASE``.
+
+    RLlib drops a dead runner's sample, but its server has recorded the episodes it finished; the restarted
+    runner, seeded alike and sampling with the same weights, would play and record the very same episodes again,
+    and the world model would train on each of them twice.
+    """
+    global _env_seed
+    _env_seed = int(base)
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    try:
+        restarted = bool(ctx and ctx.get_actor_id() and ctx.was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - the GCS did not answer: keep the planned seed (a restart may then repeat)
+        restarted = False
+    if restarted:
+        _env_seed = RESTART_SEED_BASE * (1 + secrets.randbelow(2**20)) + int(base)
+    return _env_seed
 
 
 class WeightSyncError(RuntimeError):
@@ -65,12 +87,12 @@ def make_served_env(ctx: dict) -> gym.vector.VectorEnv:
         from services.local_env import LocalVectorEnv
 
         return LocalVectorEnv(env.task, int(ctx["num_envs"]), fidelity=env.fidelity, mode=env.mode,
-                              seed=env.seed + 1000 * _runner_index, reward_weights=env.reward_weights or None,
+                              seed=env_seed(env.seed + 1000 * _runner_index), reward_weights=env.reward_weights or None,
                               horizon=env.horizon, config=ServerConfig(task=env.task, engine=env.local_engine),
                               normalized_actions=True)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     errors = []
-    seed, num_envs = env.seed + 1000 * _runner_index, int(ctx["num_envs"])
+    seed, num_envs = env_seed(env.seed + 1000 * _runner_index), int(ctx["num_envs"])
     for address in env.server_order(node, max(_runner_index - 1, 0)):
         def session(lane: int, n: int, seed: int, address: str = address, client=None) -> RemoteVectorEnv:
             return RemoteVectorEnv(address, env.task, n, fidelity=env.fidelity, mode=env.mode, seed=seed,
@@ -160,7 +182,7 @@ def runner_probe(runner) -> dict:
     loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
     env = getattr(runner, "env", None)
     client = getattr(env.unwrapped, "client", None) if env is not None else None
-    return {"pid": os.getpid(), "worker_index": int(runner.worker_index), "heavy_modules": loaded,
+    return {"pid": os.getpid(), "worker_index": int(runner.worker_index), "heavy_modules": loaded, "env_seed": _env_seed,
             "address": getattr(client, "address", None), "node_id": ray.get_runtime_context().get_node_id()}
 
 

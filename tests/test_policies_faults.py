@@ -15,6 +15,7 @@ import ray
 
 from policies import EnvConfig, ppo_config_for
 from policies.rllib_adapter import PolicyTrainer, SelfPlayError
+from policies.rllib_runners import RESTART_SEED_BASE
 
 BATCH = 512
 
@@ -63,7 +64,9 @@ def _assert_budget_or_clear_failure(trainer, run) -> list[dict] | None:
 
 def test_sigkill_during_sample_reaches_the_budget_with_a_resynced_runner_or_fails_clearly(trainer):
     trainer.train(1)
-    victim = trainer.runner_probe()[0]["pid"]
+    first = trainer.runner_probe()[0]
+    victim = first["pid"]
+    assert first["env_seed"] == 1000 * first["worker_index"]              # EnvConfig.seed 0 + 1000 x index
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_when_sampling, args=(victim, done, killed), daemon=True)
     killer.start()
@@ -78,6 +81,10 @@ def test_sigkill_during_sample_reaches_the_budget_with_a_resynced_runner_or_fail
         return
     sampled = sum(m["env_steps_this_iter"] for m in metrics)
     assert sampled >= 2 * BATCH and trainer.env_steps - steps_before == sampled
+    # the restarted runner does not replay the dead one's episodes (its server recorded those it finished)
+    again = trainer.runner_probe()[0]
+    assert again["pid"] != victim and again["env_seed"] != first["env_seed"]
+    assert again["env_seed"] % RESTART_SEED_BASE == first["env_seed"]
     if len(metrics) == 2:                                       # the kill landed after the last sample
         metrics += trainer.train(1, max_retries=4)
     probes = trainer.runner_probe()
