@@ -16,6 +16,7 @@ from pathlib import Path
 
 ACTIVATIONS = ("tanh", "relu", "silu", "elu")
 LOCAL = "local"  # the address of an in-process simulator (no server)
+RESTART_SEED_BASE = 2**32   # a restarted policy worker's env seeds lie above every first worker's (seed + 1000 x index)
 
 
 @dataclass

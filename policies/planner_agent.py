@@ -32,7 +32,7 @@ import numpy as np
 import ray
 
 from policies.checkpoint import CheckpointError, read_manifest, replace_directory, state_digest, write_manifest
-from policies.config import EnvConfig
+from policies.config import RESTART_SEED_BASE, EnvConfig
 from policies.planner import PlannerConfig
 from policies.planner_policy import PlannerPolicy, from_parts, warm_policy_spec
 from simulators.cpus import local_ray_cpus
@@ -54,23 +54,25 @@ class PlannerWorker:
     """One Ray worker: a ``RemoteVectorEnv`` session and a ``PlannerPolicy`` acting in it."""
 
     def __init__(self, index: int, env: dict, num_envs: int, config: dict, world_model_bytes: bytes,
-                 warm: dict | None, keep_windows: int = 0):
+                 warm: dict | None, keep_windows: int = 0, incarnation: int = 0):
         import torch
 
         torch.set_num_threads(1)
         self.index, self.env_config = int(index), EnvConfig(**env)
-        self.env = _open_env(self.env_config, int(num_envs), self.index)
+        # a replacement of a dead worker plays other episodes: the server recorded those the dead one finished
+        self.seed = self.env_config.seed + RESTART_SEED_BASE * int(incarnation)
+        self.env = _open_env(self.env_config, int(num_envs), self.index, self.seed + 1000 * self.index)
         info = self.env.session_info
         cfg = PlannerConfig.from_object(config)
         self.policy = from_parts(world_model_bytes, cfg, info.action_low, info.action_high, info.horizon,
-                                 info.episode_length, warm, keep_windows, seed=self.env_config.seed + 7919 * self.index)
+                                 info.episode_length, warm, keep_windows, seed=self.seed + 7919 * self.index)
         if info.wm_version != self.policy.planner.wm.version:
             self.env.close()
             raise ValueError(f"planner worker {index}: the server at {self.env.client.address} serves world model "
                              f"{info.wm_version}, the planner was given {self.policy.planner.wm.version}; both must "
                              "be the same file so the agent's imagination is the one graded")
         self.digest_value = planner_digest(cfg, world_model_bytes, warm, info.horizon)
-        self.obs, _ = self.env.reset(seed=self.env_config.seed + 1000 * self.index)
+        self.obs, _ = self.env.reset(seed=self.seed + 1000 * self.index)
         self.held = np.zeros(self.env.num_envs, bool)
         self.returns = np.zeros(self.env.num_envs)
 
@@ -80,7 +82,7 @@ class PlannerWorker:
                 "window": int(info.horizon), "episode_length": int(info.episode_length), "wm_version": info.wm_version}
 
     def digest(self) -> dict:
-        return {"worker_index": self.index, "pid": os.getpid(), "digest": self.digest_value}
+        return {"worker_index": self.index, "pid": os.getpid(), "digest": self.digest_value, "seed": self.seed}
 
     def sample(self, env_steps: int) -> dict:
         """Step until ``env_steps`` transitions were served (held next-step resets not counted)."""
@@ -115,7 +117,7 @@ class PlannerWorker:
         self.env.close()
 
 
-def _open_env(env: EnvConfig, num_envs: int, index: int):
+def _open_env(env: EnvConfig, num_envs: int, index: int, seed: int):
     """A ``RemoteVectorEnv`` on worker ``index``'s server (one on its own node first), trying the others if it
     does not answer, with the servers' token and TLS root certificate."""
     from services.vector_env import RemoteVectorEnv
@@ -125,7 +127,7 @@ def _open_env(env: EnvConfig, num_envs: int, index: int):
     for address in env.server_order(node, index):
         try:
             return RemoteVectorEnv(address, env.task, num_envs, fidelity=env.fidelity, mode=env.mode,
-                                   seed=env.seed + 1000 * index, reward_weights=env.reward_weights or None,
+                                   seed=seed, reward_weights=env.reward_weights or None,
                                    horizon=env.horizon, world_model_version=env.world_model_version,
                                    streaming=env.streaming, timeout=env.timeout_s, **env.credentials())
         except Exception as exc:  # noqa: BLE001 - try the next server, report all if none answers
@@ -159,6 +161,7 @@ class PlannerTrainer:
         self.warm = warm_policy_spec(config.warm_start)
         self.num_envs, self.keep_windows = int(num_envs), int(keep_windows)
         init_ray()
+        self.incarnations = [0] * config.num_workers
         self.workers = [self._spawn(i) for i in range(config.num_workers)]
         try:
             self.spec = ray.get(self.workers[0].spec.remote())
@@ -168,11 +171,12 @@ class PlannerTrainer:
         self.iteration, self.env_steps, self.restored_from, self.worker_restarts = 0, 0, None, 0
         self._policy: PlannerPolicy | None = None
 
-    def _spawn(self, index: int):
-        """Worker ``index``: a Ray actor with its own session on a server (Ray does not restart it; ``train`` does)."""
+    def _spawn(self, index: int, incarnation: int = 0):
+        """Worker ``index``: a Ray actor with its own session on a server (Ray does not restart it; ``train`` does,
+        as a new ``incarnation`` seeded apart from the ones before it)."""
         remote = ray.remote(PlannerWorker).options(num_cpus=1, max_restarts=0)
         return remote.remote(index, self.env.to_dict(), self.num_envs, self.config.to_dict(), self.world_model_bytes,
-                             self.warm, self.keep_windows)
+                             self.warm, self.keep_windows, incarnation)
 
     # -- digests -------------------------------------------------------------------------------
     def weights_digest(self) -> str:
@@ -226,7 +230,8 @@ class PlannerTrainer:
                                        f"iteration (at most {MAX_WORKER_RESTARTS}): {exc}") from exc
                 restarts += 1
                 self.worker_restarts += 1
-                self.workers[i] = self._spawn(i)
+                self.incarnations[i] += 1
+                self.workers[i] = self._spawn(i, self.incarnations[i])
                 pending[self.workers[i].sample.remote(shares[i])] = i
         return parts
 

@@ -36,7 +36,7 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner  # noqa: 
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO  # noqa: E402
 
 from policies.checkpoint import state_digest  # noqa: E402
-from policies.config import LOCAL, EnvConfig  # noqa: E402
+from policies.config import LOCAL, RESTART_SEED_BASE, EnvConfig  # noqa: E402
 from policies.pipelined_sampler import lanes_of, sample_lanes  # noqa: E402
 
 ENV_NAME = "flywheel-served-simulator"
@@ -45,7 +45,6 @@ HEAVY_MODULES = ("jax", "jaxlib", "mujoco.mjx", "brax")
 SYNC_TIMEOUT_S = 120.0
 _runner_index = 0  # set in each EnvRunner process before its env is made
 _env_seed: int | None = None  # the seed this process's env was made with (``runner_probe``)
-RESTART_SEED_BASE = 2**32     # a restarted runner's env seeds lie above every first runner's (seed + 1000 * index)
 
 
 def env_seed(base: int) -> int:

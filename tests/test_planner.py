@@ -10,7 +10,7 @@ import ray
 
 import rewards
 from policies.checkpoint import CheckpointError
-from policies.config import EnvConfig
+from policies.config import RESTART_SEED_BASE, EnvConfig
 from policies.loading import load_policy
 from policies.planner import ObservationInverse, PlannerConfig
 from policies.planner_agent import PlannerTrainer
@@ -141,11 +141,14 @@ def test_a_dead_worker_is_replaced_and_the_budget_still_sampled(world, monkeypat
     trainer = PlannerTrainer(FAST, env_config(world, seed=9), ENVS, world["wm_path"])
     try:
         dead = trainer.workers[0]
+        assert trainer.runner_digests()[0]["seed"] == 9
         ray.kill(dead, no_restart=True)
         [m] = trainer.train(env_steps=ENVS * 20)
         assert m["env_steps_this_iter"] >= ENVS * 20 and m["runner_restarts"] == 1
         assert trainer.workers[0] != dead
-        assert [d["digest"] for d in trainer.runner_digests()] == [trainer.weights_digest()]
+        [digest] = trainer.runner_digests()
+        assert digest["digest"] == trainer.weights_digest()
+        assert digest["seed"] == 9 + RESTART_SEED_BASE      # the replacement plays other episodes than the dead one
         monkeypatch.setattr(agent, "MAX_WORKER_RESTARTS", 0)
         ray.kill(trainer.workers[0], no_restart=True)
         with pytest.raises(RuntimeError, match="planner worker 0 died"):

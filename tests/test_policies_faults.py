@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from policies import EnvConfig, ppo_config_for
+from policies.config import RESTART_SEED_BASE
 from policies.rllib_adapter import PolicyTrainer, SelfPlayError
-from policies.rllib_runners import RESTART_SEED_BASE
 
 BATCH = 512
 
