@@ -72,6 +72,7 @@ class Orchestrator:
         self.failure_recorded = False   # the MLflow tag (and error.txt where it could be written) hold the failure
         self.error_file: Path | None = None
         self.signals = stop_on_signals()
+        self.verified = False           # resume checked the store against the lap records already
 
     # -- creating and resuming -----------------------------------------------------------------
     @classmethod
@@ -124,12 +125,16 @@ class Orchestrator:
             raise ConfigError(f"laps={cfg.laps} is fewer than the {len(started)} laps {run_dir} has run "
                               f"({min(started)} to {max(started)}); allowed: laps >= {len(started)} (more laps "
                               "continue the run; its laps cannot be undone)")
+        check_history(run_dir)
         check_reachable(tracking_uri(cfg))
         check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
+        TrajectoryStore(run_dir / "store").verify(expected_shards(run_dir, cfg.laps))
         cfg.run_dir = str(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         write_json(state_path, state)
-        return cls(cfg, run_dir, **kw)
+        run = cls(cfg, run_dir, **kw)
+        run.verified = True
+        return run
 
 
     # -- running -------------------------------------------------------------------------------
@@ -144,7 +149,8 @@ class Orchestrator:
             self.tracker.set_tag("flywheel.warnings", " | ".join(warnings)[:5000])
         signals = self.signals = stop_on_signals()
         try:
-            self.store.verify(self.expected_shards())      # a resumed run's shards, before any stage relies on them
+            if not self.verified:                          # a resumed run's shards, before any stage relies on them
+                self.store.verify(self.expected_shards())
             self.parts.start(self.cfg)
             with signals:                                 # installed after Ray's own handler, replacing it
                 for lap in range(self.cfg.laps):
@@ -169,18 +175,7 @@ class Orchestrator:
         return rows
 
     def expected_shards(self) -> dict[tuple[int, str], str]:
-        """The (lap, kind) shards the finished stages of this run wrote, each with the stage that wrote it."""
-        expected = {}
-        for lap in range(self.cfg.laps):
-            path = self.run_dir / "laps" / f"lap_{lap:03d}" / "metrics.json"
-            rec = LapRecord.load(path, lap)
-            if "seed" in rec.stages:
-                expected[(lap, "seed")] = f"lap {lap}'s seed stage finished ({path})"
-            if "reality" in rec.stages:
-                expected[(lap, "reality")] = f"lap {lap}'s reality stage finished ({path})"
-            if "select" in rec.stages and rec.metrics.get("data/selected_trajectories", 0) > 0:
-                expected[(lap, "selected")] = f"lap {lap}'s select stage stored episodes ({path})"
-        return expected
+        return expected_shards(self.run_dir, self.cfg.laps)
 
     def record_failure(self, exc: BaseException) -> None:
         """FAILED on MLflow, with the one-line cause as a tag and the traceback as an artifact and a file."""
@@ -210,6 +205,32 @@ class Orchestrator:
 
     def run_lap(self, lap: int) -> LapRecord:
         return run_lap(self.context(lap), self.parts, progress=self.say)
+
+
+def expected_shards(run_dir: Path, laps: int) -> dict[tuple[int, str], str]:
+    """The (lap, kind) shards the finished stages of a run wrote, each with the stage that wrote it."""
+    expected = {}
+    for lap in range(laps):
+        path = run_dir / "laps" / f"lap_{lap:03d}" / "metrics.json"
+        rec = LapRecord.load(path, lap)
+        if "seed" in rec.stages:
+            expected[(lap, "seed")] = f"lap {lap}'s seed stage finished ({path})"
+        if "reality" in rec.stages:
+            expected[(lap, "reality")] = f"lap {lap}'s reality stage finished ({path})"
+        if "select" in rec.stages and rec.metrics.get("data/selected_trajectories", 0) > 0:
+            expected[(lap, "selected")] = f"lap {lap}'s select stage stored episodes ({path})"
+    return expected
+
+
+def check_history(run_dir: Path) -> None:
+    """``ConfigError`` when a lap's record is missing while a later lap's exists: each lap is built on the one before
+    it (its policy, world model and data), so the run cannot go on from a hole in its history."""
+    laps = sorted(int(p.parent.name.removeprefix("lap_")) for p in run_dir.glob("laps/lap_[0-9][0-9][0-9]/metrics.json"))
+    missing = sorted(set(range(laps[-1])) - set(laps)) if laps else []
+    if missing:
+        raise ConfigError(f"{run_dir}: lap {missing[0]}'s record laps/lap_{missing[0]:03d}/metrics.json is missing while "
+                          f"lap {laps[-1]}'s exists; later laps were built on it, so the run cannot go on: restore the "
+                          f"lap's directory, or start a new run")
 
 
 def ray_logs_dir() -> str | None:

@@ -226,7 +226,8 @@ def log(ctx: LapContext, rec: LapRecord) -> dict:
         if f is not None:
             ctx.tracker.log_artifact(f, f"checkpoints/lap_{ctx.lap:03d}")
     ctx.tracker.log_artifact(ctx.run_dir / "config.yaml", "config")
-    ctx.say(f"log: {n} metrics at step {ctx.lap}; lap took {rec.metrics['lap/seconds']:.0f} s")
+    replaced = f" ({ctx.tracker.replaced} over other values an earlier attempt logged)" if ctx.tracker.replaced else ""
+    ctx.say(f"log: {n} metrics at step {ctx.lap}{replaced}; lap took {rec.metrics['lap/seconds']:.0f} s")
     return {"time/log": rec.metrics["time/log"]}
 
 

@@ -12,9 +12,11 @@ A sweep is a parent run whose children carry the ``mlflow.parentRunId`` tag.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                               f"({exc.strerror or exc})") from None
         if db.is_dir():
             raise ConfigError(f"tracking.uri {uri}: {db} is a directory; name the SQLite file in it") from None
+        check_sqlite(db)
         return
     if not uri.startswith(("http://", "https://")):
         return
@@ -57,6 +60,26 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         reason = getattr(reason, "strerror", None) or reason
         raise ConfigError(f"tracking server {uri} is unreachable ({reason}); start it or set tracking.uri "
                           f"(null = the local SQLite store)") from None
+
+
+def check_sqlite(db: Path) -> None:
+    """``ConfigError`` naming ``db`` if that MLflow store exists but SQLite finds it damaged (``PRAGMA quick_check``)."""
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        verdict = str(exc)
+    if verdict != "ok":
+        raise ConfigError(f"the MLflow tracking store {db} is damaged (SQLite: {verdict.splitlines()[0]}); restore it "
+                          f"from a backup, or give another tracking.uri (the run directory was not changed)")
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def recorded_run(run_dir: str | Path) -> dict:
@@ -113,6 +136,18 @@ class Tracker:
     def open(cls, cfg: FlywheelConfig, run_dir: str | Path, run_name: str | None = None,
              parent_run_id: str | None = None, tags: dict | None = None) -> Tracker:
         """Reopen the run recorded in ``run_dir`` or create one (logging params and the resolved config)."""
+        try:
+            return cls._open(cfg, run_dir, run_name, parent_run_id, tags)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MLflow's and its database's errors, named with the store
+            line = (str(exc).splitlines() or [""])[0][:300]
+            raise RuntimeError(f"the MLflow tracking store {tracking_uri(cfg)} cannot be used: "
+                               f"{type(exc).__name__}: {line}") from exc
+
+    @classmethod
+    def _open(cls, cfg: FlywheelConfig, run_dir: str | Path, run_name: str | None, parent_run_id: str | None,
+              tags: dict | None) -> Tracker:
         quiet_mlflow()
         run_dir = Path(run_dir)
         uri = tracking_uri(cfg)
@@ -138,12 +173,16 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name or run_dir.name, tags=context_tags(all_tags))
+        # recorded at once: a driver killed while the params go in leaves a run its resume reopens (and completes,
+        # ``sync_params``), not an orphan RUNNING forever beside a second run
+        text = json.dumps({"uri": uri, "experiment": cfg.tracking.experiment, "run_id": run.info.run_id}).encode()
+        atomic_write(saved, lambda f: f.write(text))
         tracker = cls(uri, cfg.tracking.experiment, run.info.run_id)
         tracker.log_params(flatten(to_container(cfg)))
         tracker.client.log_text(tracker.run_id, to_yaml(cfg), "config/resolved.yaml")
-        text = json.dumps({"uri": uri, "experiment": cfg.tracking.experiment, "run_id": run.info.run_id}).encode()
-        atomic_write(saved, lambda f: f.write(text))
         return tracker
+
+    replaced = 0   # values the latest ``log_metrics`` logged over different ones at the same step
 
     @classmethod
     def attach(cls, run_dir: str | Path) -> Tracker:
@@ -177,16 +216,20 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i: i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int, replace: bool = False) -> int:
-        """Log metrics at ``step``, skipping keys already logged at that step (a resumed stage logs nothing twice);
-        ``replace``: log them anyway, a later value at the same step being MLflow's latest (a recomputed summary)."""
+        """Log metrics at ``step``, skipping keys already logged at that step with the same value (a resumed stage
+        logs nothing twice); a different value is logged too and becomes MLflow's latest at that step (a lap run
+        again, a recomputed summary), and counted in ``self.replaced``. ``replace``: log every value, unchecked."""
         from mlflow.entities import Metric
 
         logged = {} if replace else self.client.get_run(self.run_id).data.metrics
         now = int(time.time() * 1000)
-        items = []
+        items, self.replaced = [], 0
         for key, value in metrics.items():
-            if key in logged and any(m.step == step for m in self.client.get_metric_history(self.run_id, key)):
-                continue
+            if key in logged:
+                earlier = [m.value for m in self.client.get_metric_history(self.run_id, key) if m.step == step]
+                if earlier and _same(earlier[-1], float(value)):
+                    continue
+                self.replaced += bool(earlier)
             items.append(Metric(key, float(value), now, step))
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i: i + 500])

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -105,7 +106,7 @@ class FakeTrainer:
 def fakes():
     """Fake servers, trainer and evaluation; the real world-model fit. ``calls`` steers and records them."""
     calls = {"self_play": 0, "evaluate": 0, "fail_at": None, "signal_at": None, "short_by": None, "stored": None,
-             "runner_digest": None, "restored": [], "served": 0}
+             "runner_digest": None, "restored": [], "served": 0, "seed_bonus": 0.0}
 
     @contextlib.contextmanager
     def serve(ctx):
@@ -122,7 +123,7 @@ def fakes():
         if calls.get("no_value"):                                    # metrics without a value (no windows, no episodes)
             return {"capability/success_rate": np.float32("nan"), "capability/return": float("-inf"),
                     "world_model/one_step_error": 0.1}
-        return {"capability/success_rate": 0.1 * ctx.lap + bonus + 0.01 * (ctx.cfg.seed % 7),
+        return {"capability/success_rate": 0.1 * ctx.lap + bonus + 0.01 * (ctx.cfg.seed % 7) + calls["seed_bonus"],
                 "capability/return": 10.0 * ctx.lap,
                 "world_model/one_step_error": 0.1, "world_model/open_loop_error": 0.2,
                 "imagination/accuracy": 0.7, "physics/violation_rate": 0.05}
@@ -211,13 +212,14 @@ def test_resume_refuses_a_changed_shard_before_any_stage_runs(tmp_path, fakes):
     data = bytearray(seed.read_bytes())
     data[len(data) // 2] ^= 0x01
     seed.write_bytes(bytes(data))
-    before = dict(fakes)
-    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+    before, files = dict(fakes), {p: p.read_bytes() for p in (tmp_path / "run").glob("*.*") if p.is_file()}
     with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) has changed since it was written"):
-        resumed.run()
+        Orchestrator.resume(tmp_path / "run", ["laps=3"], say=lambda m: None, parts=fakes["parts"])
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]   # nothing ran
-    state, tags = status(resumed)
-    assert state == "FAILED" and "lap_000/seed.npz (lap 0, seed) has changed" in tags["flywheel.error"]
+    assert {p: p.read_bytes() for p in files} == files      # config.yaml and state.json as they were
+    state, tags = status(orch)                               # MLflow keeps the run's last real end
+    assert state == "FAILED" and tags["flywheel.error"].startswith("lap 1 evaluate failed")
+    assert "flywheel.params_changed" not in tags
 
 
 def test_lap_records_are_strict_json_and_metrics_without_a_value_read_back_as_nan(tmp_path, fakes):
@@ -461,10 +463,8 @@ def test_a_damaged_run_file_is_named_when_the_run_is_resumed(tmp_path, fakes, na
     path.write_bytes(path.read_bytes()[:5])
     expected = rf"{path} cannot be read \(JSONDecodeError: "
     if name == "laps/lap_000/metrics.json":                 # the run directory is fine; lap 0's record is not
-        resumed = Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
         with pytest.raises(ValueError, match=rf"lap 0's record {expected}"):
-            resumed.run()
-        assert status(resumed)[0] == "FAILED"
+            Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
     else:
         with pytest.raises(ConfigError, match=expected):
             Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
@@ -501,11 +501,57 @@ def test_a_lost_store_manifest_stops_the_resumed_run_before_any_stage(tmp_path, 
     fakes["fail_at"] = None
     (tmp_path / "run" / "store" / "manifest.json").unlink()
     before = dict(fakes)
-    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
     with pytest.raises(ValueError, match=r"lap 0's seed shard is not in the manifest .*/store/manifest.json although "
                                          r"lap 0's seed stage finished .*lap 1's select stage stored episodes"):
-        resumed.run()
+        Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]
+
+
+def test_a_hole_in_the_lap_history_is_refused_and_a_lap_run_again_replaces_its_mlflow_values(tmp_path, fakes):
+    orch = make(tmp_path, fakes, "laps=3")
+    orch.run()
+    run_dir = tmp_path / "run"
+    shutil.rmtree(run_dir / "laps" / "lap_001")
+    with pytest.raises(ConfigError, match=r"lap 1's record laps/lap_001/metrics.json is missing while lap 2's exists"):
+        Orchestrator.resume(run_dir, say=lambda m: None, parts=fakes["parts"])
+    shutil.rmtree(run_dir / "laps" / "lap_002")              # the last lap lost: it runs again
+    fakes["seed_bonus"] = 0.5
+    lines = []
+    resumed = Orchestrator.resume(run_dir, say=lines.append, parts=fakes["parts"])
+    assert resumed.run()
+    assert any("log:" in x and "over other values an earlier attempt logged" in x for x in lines), lines
+    history = dict(resumed.tracker.metric_history("capability/success_rate"))
+    assert history[2] == pytest.approx(json.loads((run_dir / "laps/lap_002/metrics.json").read_text())
+                                       ["metrics"]["capability/success_rate"])
+
+
+def test_a_driver_killed_while_its_mlflow_run_is_made_is_resumed_into_that_run(tmp_path, fakes, monkeypatch):
+    from flywheel import tracking
+
+    cfg = load_config([*TINY, f"runs_root={tmp_path}", "laps=1"])
+    orch = Orchestrator.create(cfg, tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt                              # as if the driver died logging the params
+    monkeypatch.setattr(tracking.Tracker, "log_params", killed)
+    with pytest.raises(KeyboardInterrupt):
+        orch.run()
+    monkeypatch.undo()
+    resumed = Orchestrator.resume(tmp_path / "run", say=lambda m: None, parts=fakes["parts"])
+    resumed.run()
+    runs = resumed.tracker.client.search_runs([resumed.tracker.client.get_run(resumed.tracker.run_id).info.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"          # no orphan RUNNING run beside it
+    assert runs[0].data.params["simulator.fidelity"] == str(cfg.simulator.fidelity)   # the params it missed
+
+
+def test_a_damaged_mlflow_store_is_named_before_the_run_directory_is_touched(tmp_path, fakes):
+    make(tmp_path, fakes, "laps=1").run()
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    files = {p: p.read_bytes() for p in run_dir.glob("*.*") if p.is_file()}
+    db.write_bytes(db.read_bytes()[:50000])
+    with pytest.raises(ConfigError, match=rf"the MLflow tracking store {db} is damaged \(SQLite: .*restore it"):
+        Orchestrator.resume(run_dir, ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+    assert {p: p.read_bytes() for p in files} == files
 
 
 def test_a_budget_under_one_episode_per_env_is_said_and_tagged(tmp_path, fakes):

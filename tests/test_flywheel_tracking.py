@@ -34,8 +34,9 @@ def test_run_is_reopened_not_duplicated_and_metrics_are_logged_once(tmp_path):
     assert len(runs) == 1
     again.log_metrics({"sweep/x": 1.0}, step=0)                 # a summary recomputed later replaces its value
     again.log_metrics({"sweep/x": 2.0}, step=0, replace=True)
-    again.log_metrics({"sweep/x": 3.0}, step=0)                 # (a plain log at a logged step is skipped)
-    assert again.client.get_run(again.run_id).data.metrics["sweep/x"] == 2.0
+    assert again.log_metrics({"sweep/x": 2.0, "capability/success_rate": 0.5}, step=0) == 1   # the same value: skipped
+    assert again.replaced == 1                                  # a lap run again: its new value is the latest
+    assert again.client.get_run(again.run_id).data.metrics["capability/success_rate"] == 0.5
 
 
 def test_a_reopened_run_logs_new_keys_and_names_changed_params(tmp_path):
