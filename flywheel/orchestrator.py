@@ -21,6 +21,7 @@ tracking server is refused before the run directory is made.
 from __future__ import annotations
 
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -126,6 +127,7 @@ class Orchestrator:
                               f"({min(started)} to {max(started)}); allowed: laps >= {len(started)} (more laps "
                               "continue the run; its laps cannot be undone)")
         check_history(run_dir)
+        check_writable(run_dir)
         check_reachable(tracking_uri(cfg))
         check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
         TrajectoryStore(run_dir / "store").verify(expected_shards(run_dir, cfg.laps))
@@ -231,6 +233,20 @@ def check_history(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir}: lap {missing[0]}'s record laps/lap_{missing[0]:03d}/metrics.json is missing while "
                           f"lap {laps[-1]}'s exists; later laps were built on it, so the run cannot go on: restore the "
                           f"lap's directory, or start a new run")
+
+
+def check_writable(run_dir: Path) -> None:
+    """``ConfigError`` naming the folder when the run directory, or a folder of it a lap writes into, cannot be written:
+    found before a lap's work, not at its first checkpoint."""
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "store", run_dir / "laps"):
+        if not folder.is_dir():
+            continue
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{folder} cannot be written ({exc.strerror or exc}); the run needs to write its laps "
+                              f"there: give this user write access, or free the disk") from None
 
 
 def ray_logs_dir() -> str | None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 
 import numpy as np
@@ -562,3 +563,16 @@ def test_a_budget_under_one_episode_per_env_is_said_and_tagged(tmp_path, fakes):
     warning = [m for m in said if m.startswith("WARNING self-play samples")]
     assert len(warning) == 1 and "under one pendulum episode (100 steps)" in warning[0]
     assert status(orch)[1]["flywheel.warnings"] == warning[0].removeprefix("WARNING ")
+
+
+def test_a_run_folder_that_cannot_be_written_is_named_before_a_lap_runs(tmp_path, fakes):
+    make(tmp_path, fakes, "laps=1").run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    subprocess.run(["chattr", "+i", str(checkpoints)], check=True)          # read-only even for root
+    try:
+        before = dict(fakes)
+        with pytest.raises(ConfigError, match=rf"{checkpoints} cannot be written \(Operation not permitted\)"):
+            Orchestrator.resume(tmp_path / "run", ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+        assert fakes["self_play"] == before["self_play"]
+    finally:
+        subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
