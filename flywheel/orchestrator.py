@@ -41,7 +41,7 @@ from flywheel.config import (
 from flywheel.lap import LapContext, LapParts, LapRecord, StageError, describe, read_json, run_lap, write_json
 from flywheel.report import format_table, load_history
 from flywheel.store import TrajectoryStore
-from flywheel.tracking import Tracker, check_reachable, check_tracked_at, tracking_uri
+from flywheel.tracking import Tracker, check_not_a_copy, check_reachable, check_tracked_at, tracking_uri
 
 
 class RunStopped(KeyboardInterrupt):
@@ -130,6 +130,7 @@ class Orchestrator:
         check_writable(run_dir)
         check_reachable(tracking_uri(cfg))
         check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
+        check_not_a_copy(run_dir)
         TrajectoryStore(run_dir / "store").verify(expected_shards(run_dir, cfg.laps))
         cfg.run_dir = str(run_dir)
         save_config(cfg, run_dir / "config.yaml")

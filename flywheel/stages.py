@@ -71,6 +71,11 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
     if out_of_service:
         ctx.say(f"self_play: {out_of_service} of {runners} runner(s) out of service at the end of the lap "
                 "(lost with their process or node; RLlib keeps restarting them, the others sampled the budget)")
+    restarts = {"runner": int(last.get("runner_restarts", 0)), "server": int(report.get("server_restarts", 0))}
+    if any(restarts.values()):                      # said, not only counted: each one changes what the lap holds
+        ctx.say(f"self_play: {restarts['runner']} runner and {restarts['server']} server restart(s); "
+                f"{stored} transitions stored for {steps} sampled (a dead server loses its episodes in flight; "
+                f"a dead runner's finished episodes stay recorded and its replacement plays new ones)")
     return {"self_play/env_steps": float(steps), "self_play/iterations": float(len(history)),
             "self_play/runners_out_of_service": float(out_of_service),
             "self_play/episode_return_mean": float(last.get("episode_return_mean", np.nan)),

@@ -105,6 +105,24 @@ def check_tracked_at(run_dir: str | Path, uri: str) -> dict:
     return info
 
 
+def check_not_a_copy(run_dir: str | Path) -> None:
+    """``ConfigError`` when ``run_dir`` is a copy of a run directory that still exists: its ``tracking.json`` names the
+    original's MLflow run, which resuming the copy would continue (a moved directory goes on in its run)."""
+    if not (Path(run_dir) / RUN_FILE).exists():
+        return
+    info = recorded_run(run_dir)
+    here = Path(run_dir).resolve()
+    quiet_mlflow()
+    try:
+        origin = mlflow_client(info["uri"]).get_run(info["run_id"]).data.tags.get("flywheel.run_dir")
+    except Exception:  # noqa: BLE001 - a run MLflow cannot show is reported when the run is reopened
+        return
+    if origin and Path(origin) != here and (Path(origin) / "state.json").is_file() and \
+            (Path(origin) / RUN_FILE).is_file() and recorded_run(origin)["run_id"] == info["run_id"]:
+        raise ConfigError(f"{here} is a copy of the run directory {origin}, whose MLflow run {info['run_id']} it would "
+                          f"continue; resume the original, or move (not copy) a run directory to continue it elsewhere")
+
+
 def default_uri(runs_root: str | Path) -> str:
     return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
 
@@ -159,6 +177,10 @@ class Tracker:
             info = check_tracked_at(run_dir, uri)
             client.update_run(info["run_id"], status="RUNNING")
             tags = client.get_run(info["run_id"]).data.tags
+            here = str(run_dir.resolve())
+            if tags.get("flywheel.run_dir", here) != here:   # the run directory was moved: the run follows it
+                client.set_tag(info["run_id"], "flywheel.moved_from", tags["flywheel.run_dir"])
+                client.set_tag(info["run_id"], "flywheel.run_dir", here)
             ended = [tags[k] for k in ("flywheel.error", "flywheel.stopped") if k in tags]
             if ended:                                  # the run is running again: its last end is history
                 client.set_tag(info["run_id"], "flywheel.resumed_after", "; ".join(ended)[:5000])

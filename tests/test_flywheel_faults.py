@@ -147,6 +147,7 @@ def test_corrupt_policy_checkpoint_is_refused_then_a_killed_server_is_survived(t
     cfg = load_config(base=run_dir / "config.yaml")
     assert record["self_play/env_steps"] >= cfg.self_play.iterations * cfg.ppo.train_batch_size
     assert record["self_play/server_restarts"] >= 1                # Ray brought the killed server back
+    assert any("server restart(s);" in x and "transitions stored for" in x for x in lines), lines[-40:]   # and it is said
     for key in ("self_play/env_steps", "data/stored_transitions", "capability/success_rate"):
         assert sorted(s for s, _ in tracker.metric_history(key)) == [0, 1], key
     raw = TrajectoryStore(run_dir / "store").read_raw(1)

@@ -576,3 +576,17 @@ def test_a_run_folder_that_cannot_be_written_is_named_before_a_lap_runs(tmp_path
         assert fakes["self_play"] == before["self_play"]
     finally:
         subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
+
+
+def test_a_copied_run_directory_cannot_continue_the_originals_mlflow_run_and_a_moved_one_does(tmp_path, fakes):
+    make(tmp_path, fakes, "laps=1").run()
+    run_dir, copy, moved = tmp_path / "run", tmp_path / "run-copy", tmp_path / "run-moved"
+    shutil.copytree(run_dir, copy)
+    with pytest.raises(ConfigError, match=rf"{copy} is a copy of the run directory {run_dir}, whose MLflow run"):
+        Orchestrator.resume(copy, ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+    shutil.rmtree(copy)
+    run_dir.rename(moved)
+    resumed = Orchestrator.resume(moved, ["laps=2"], say=lambda m: None, parts=fakes["parts"])
+    assert [r["lap"] for r in resumed.run()] == [0, 1]
+    state, tags = status(resumed)
+    assert state == "FINISHED" and tags["flywheel.run_dir"] == str(moved) and tags["flywheel.moved_from"] == str(run_dir)
