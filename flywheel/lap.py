@@ -76,6 +76,7 @@ class Served:
 
     addresses: list[str]
     report: dict = field(default_factory=dict)      # filled on stop: transitions served / stored, shards
+    lost: Callable[[], str | None] = lambda: None   # why self-play cannot go on (every server gone for good), or None
 
 
 @dataclass

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -62,7 +63,7 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
     placements = cluster.stage(nodes, wm)
     actors, addresses = start_server_actors(configs, placements)
     collect = [str(raw) if p.staging else None for p in placements]
-    served = Served(list(addresses))
+    served = Served(list(addresses), lost=servers_watch(actors, addresses, base.max_restarts))
     stopped = False
     try:
         cluster.remember_servers(addresses, nodes, ray.get([a.pid.remote() for a in actors]))
@@ -89,6 +90,33 @@ def ray_servers(ctx: LapContext) -> Iterator[Served]:
         if not stopped:
             with contextlib.suppress(Exception):        # the body's error is the one to report
                 stop_server_actors(actors)
+
+
+def servers_watch(actors: list, addresses: list[str], max_restarts: int, every_s: float = 2.0):
+    """A check (at most one probe round per ``every_s``) naming the servers when every one is dead for good (its
+    restarts spent): the runners would wait on them for minutes; with one alive, they fall back to it."""
+    import ray
+
+    state = {"at": 0.0, "reason": None}
+
+    def lost() -> str | None:
+        if state["reason"] or time.monotonic() - state["at"] < every_s:
+            return state["reason"]
+        state["at"] = time.monotonic()
+        dead = []
+        for actor, address in zip(actors, addresses):
+            try:
+                ray.get(actor.address.remote(), timeout=10)
+            except ray.exceptions.ActorDiedError:
+                dead.append(address)
+            except Exception:  # noqa: BLE001 - restarting, busy or slow: not gone for good
+                return None
+        if len(dead) == len(actors):
+            state["reason"] = (f"every simulator server is gone for good ({', '.join(dead)}: died after "
+                               f"{max_restarts} restart(s), service.max_restarts); self-play cannot go on")
+        return state["reason"]
+
+    return lost
 
 
 def env_config(ctx: LapContext, addresses: list[str]):

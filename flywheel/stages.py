@@ -46,6 +46,7 @@ def self_play(ctx: LapContext, parts: LapParts) -> dict:
         ctx.say(f"serve: {len(served.addresses)} simulator server(s) at {', '.join(served.addresses)}")
         t1 = time.time()
         trainer = parts.trainer(ctx, served.addresses)
+        trainer.abort = served.lost                 # every server dead for good: fail now, not after the timeouts
         try:
             carried = _carry_policy(ctx, trainer)
             history = _train(ctx, trainer, budget)

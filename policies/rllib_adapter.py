@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Self
 
@@ -135,6 +136,7 @@ class PolicyTrainer:
         register_env(ENV_NAME, make_served_env)
         self.algo = build_rllib_config(ppo, env).build_algo()
         self.iteration = 0
+        self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked while waiting)
         self.action_space = self._physical_action_space()
         self.sync_runners()
 
@@ -160,6 +162,7 @@ class PolicyTrainer:
         out: list[dict] = []
         sampled = short = 0
         while sampled < budget:
+            self._check_abort()
             self.verify_runners()
             before, t0 = self.env_steps, time.perf_counter()
             result = self.algo.train()
@@ -186,11 +189,17 @@ class PolicyTrainer:
         return (f"{total - group.num_healthy_remote_env_runners()} of {total} EnvRunners unhealthy, "
                 f"{group.num_remote_worker_restarts()} restarted so far")
 
+    def _check_abort(self) -> None:
+        reason = self.abort()
+        if reason:
+            raise SelfPlayError(reason)
+
     def _await_runners(self, timeout_s: float | None = None) -> None:
         """Wait (bounded) until RLlib has restarted the failed runners, then sync and verify them."""
         group = self.algo.env_runner_group
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.ppo.sample_timeout_s)
         while True:
+            self._check_abort()
             restored = self.algo.restore_env_runners(group)
             if restored:
                 sync_runner_weights(self.algo, list(restored))

@@ -62,6 +62,15 @@ def _assert_budget_or_clear_failure(trainer, run) -> list[dict] | None:
     return metrics
 
 
+def test_a_reason_to_stop_fails_sampling_at_once_naming_it(trainer):
+    trainer.abort = lambda: "every simulator server is gone for good"
+    try:
+        with pytest.raises(SelfPlayError, match="every simulator server is gone for good"):
+            trainer.train(1)
+    finally:
+        trainer.abort = lambda: None
+
+
 def test_sigkill_during_sample_reaches_the_budget_with_a_resynced_runner_or_fails_clearly(trainer):
     trainer.train(1)
     first = trainer.runner_probe()[0]

@@ -73,3 +73,31 @@ def test_the_world_model_fit_task_uses_every_cpu_unless_told_otherwise():
         cfg = WorldModelConfig(ensemble_size=2, hidden_size=16, num_layers=1, max_epochs=1, num_threads=threads)
         _, metrics = ray.get(fit.remote("pendulum", data, cfg, None))
         assert metrics["threads"] == expected
+
+
+def test_the_lap_learns_at_once_when_every_server_is_dead_for_good(tmp_path):
+    """``servers_watch``: restarting or alive is not lost; every server dead with its restarts spent is, named."""
+    from flywheel.parts import servers_watch
+    from policies.rllib_adapter import init_ray
+    from services.server_actor import start_server_actors, stop_server_actors
+
+    init_ray(2)
+    configs = [ServerConfig(task="pendulum", engine="mujoco", trajectory_dir=str(tmp_path / f"s{i}"), max_restarts=0)
+               for i in range(2)]
+    actors, addresses = start_server_actors(configs)
+    try:
+        lost = servers_watch(actors, addresses, max_restarts=0, every_s=0.0)
+        assert lost() is None
+        ray.kill(actors[0], no_restart=True)
+        time.sleep(1.0)
+        assert lost() is None                                  # runners fall back to the other server
+        ray.kill(actors[1], no_restart=True)
+        reason = None
+        for _ in range(50):
+            reason = lost()
+            if reason:
+                break
+            time.sleep(0.2)
+        assert reason and "every simulator server is gone for good" in reason and addresses[1] in reason
+    finally:
+        stop_server_actors(actors)
