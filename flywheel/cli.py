@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from flywheel.config import ConfigError, load_config
@@ -70,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flywheel: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        where = f"; continue it with: flywheel run --resume {args.run_dir_used}" if getattr(args, "run_dir_used", None) \
-            else ""
-        print(f"flywheel: stopped by {signal.Signals(signum).name}; the run is marked KILLED{where}", file=sys.stderr)
-        return 128 + int(signum)
+        return _stopped(args, getattr(exc, "signum", signal.SIGINT))
+    except SystemExit as exc:   # Ray's own handler, back after the first signal, exits with the bare signal number
+        if exc.code in (signal.SIGINT, signal.SIGTERM):
+            return _stopped(args, exc.code)
+        raise
     except Exception as exc:  # noqa: BLE001 - one readable line; the run keeps the traceback (error.txt, MLflow)
         from flywheel.orchestrator import one_line
 
@@ -82,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _shutdown_ray()
+
+
+def _stopped(args, signum: int) -> int:
+    """Say how the run was stopped (and how to go on with it); the exit status is 128 + the signal's number."""
+    run_dir = getattr(args, "run_dir_used", None)
+    where = f"; continue it with: flywheel run --resume {run_dir}" if run_dir else ""
+    marked = "the run is marked KILLED" if run_dir and (Path(run_dir) / "tracking.json").exists() else \
+        "no MLflow run was made yet"
+    print(f"flywheel: stopped by {signal.Signals(signum).name}; {marked}{where}", file=sys.stderr)
+    return 128 + int(signum)
 
 
 def _command(args) -> int:
@@ -198,11 +209,22 @@ def _report(run_dir: Path) -> int:
 
 
 def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
+    """``ray.shutdown``; a signal meanwhile (a second Ctrl-C) exits with 128 + its number, not Ray's bare number."""
+    if "ray" not in sys.modules:
+        return
+    import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+    if not ray.is_initialized():
+        return
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        for sig in saved:
+            signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+        ray.shutdown()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ tracking server is refused before the run directory is made.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import tempfile
 import threading
@@ -162,14 +163,16 @@ class Orchestrator:
             # Ray's blocking calls turn a handler's exception into a plain KeyboardInterrupt: the signal is kept aside
             signum = getattr(exc, "signum", None) or signals.received or (signal.SIGTERM if isinstance(exc, SystemExit)
                                                                          else None)
-            self.tracker.set_tag("flywheel.stopped", f"stopped by {signal.Signals(signum).name}" if signum
-                                 else str(exc) or type(exc).__name__)
-            self.tracker.finish("KILLED")
+            with signals.noting():                        # a second Ctrl-C does not cut the marking short
+                self.tracker.set_tag("flywheel.stopped", f"stopped by {signal.Signals(signum).name}" if signum
+                                     else str(exc) or type(exc).__name__)
+                self.tracker.finish("KILLED")
             if signum and not isinstance(exc, RunStopped):
                 raise RunStopped(signum) from exc
             raise
         except BaseException as exc:
-            self.record_failure(exc)
+            with signals.noting():
+                self.record_failure(exc)
             raise
         rows = load_history(self.run_dir)
         self.tracker.finish("FINISHED")
@@ -290,6 +293,22 @@ class stop_on_signals:
     def _raise(self, signum, frame) -> None:
         self.received = signum
         raise RunStopped(signum)
+
+    @contextlib.contextmanager
+    def noting(self):
+        """While the run is marked stopped or failed, a signal is noted (``received``), not raised."""
+        saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                saved[sig] = signal.signal(sig, self._note)
+        try:
+            yield
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def _note(self, signum, frame) -> None:
+        self.received = self.received or signum
 
     def check(self) -> None:
         """Raise ``RunStopped`` if a signal came: Python drops a handler's exception raised inside a GC callback

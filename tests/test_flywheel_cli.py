@@ -103,3 +103,16 @@ def test_resuming_a_sweep_directory_points_at_sweep_run_dir(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path} is a sweep directory; continue a sweep with `flywheel sweep --run-dir {tmp_path}" in err
+
+
+def test_a_run_stopped_before_its_mlflow_run_existed_does_not_claim_it_was_marked(tmp_path, capsys):
+    import argparse
+    import signal
+
+    from flywheel.cli import _stopped
+
+    assert _stopped(argparse.Namespace(run_dir_used=str(tmp_path)), signal.SIGINT) == 130
+    assert "stopped by SIGINT; no MLflow run was made yet; continue it with" in capsys.readouterr().err
+    (tmp_path / "tracking.json").write_text("{}")
+    assert _stopped(argparse.Namespace(run_dir_used=str(tmp_path)), signal.SIGTERM) == 143
+    assert "stopped by SIGTERM; the run is marked KILLED" in capsys.readouterr().err

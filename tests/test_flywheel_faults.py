@@ -83,6 +83,8 @@ def test_sigterm_ends_the_run_killed_with_ray_shut_down(tmp_path):
     run = Run("run", *SMOKE, "laps=1", f"runs_root={tmp_path}", "--run-dir", str(run_dir))
     run.wait_for("| serve:")
     os.kill(run.proc.pid, signal.SIGTERM)                  # as `kill PID` does: the CLI alone
+    time.sleep(0.3)
+    os.kill(run.proc.pid, signal.SIGTERM)                  # and again, impatient: the status stays 128 + 15
     code, lines = run.finish(timeout=180)
     assert code == 128 + signal.SIGTERM, "\n".join(lines[-30:])
     assert lines[-1] == f"flywheel: stopped by SIGTERM; the run is marked KILLED; continue it with: " \
