@@ -34,6 +34,31 @@ def start_ray(cfg: FlywheelConfig) -> None:
     init_ray(cfg)
     if cluster.cluster_mode(cfg) or len(cluster.alive_nodes()) > 1:
         cluster.preflight(cfg)
+    else:
+        check_local_cpus(cfg)
+
+
+def check_local_cpus(cfg: FlywheelConfig) -> None:
+    """``ConfigError`` when self-play asks this machine's own Ray for more CPUs than it has: Ray would leave the
+    policy workers pending for good (on a cluster, an autoscaler may add nodes: not checked there)."""
+    import ray
+
+    from flywheel.layers import ConfigError
+
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    if cfg.agent.kind == "planner":
+        workers, per, names = cfg.agent.num_workers, 1.0, "agent.num_workers"
+    else:
+        workers, per, names = cfg.ppo.num_env_runners, float(cfg.ppo.num_cpus_per_runner), \
+            "ppo.num_env_runners or ppo.num_cpus_per_runner"
+    svc = cfg.service
+    servers = svc.servers_per_node if svc.placement == "per_node" else cfg.self_play.num_servers
+    need = workers * per + servers * float(svc.num_cpus)
+    if need > have:
+        raise ConfigError(f"self-play needs {need:g} of this machine's Ray CPUs ({workers} policy worker(s) x {per:g} + "
+                          f"{servers} server(s) x {float(svc.num_cpus):g}, service.num_cpus) but its local Ray has "
+                          f"{have:g}; Ray would leave workers waiting for good; allowed: a smaller {names}, or "
+                          f"ray.num_cpus >= {need:g} (more than the cores shares them)")
 
 
 @contextlib.contextmanager

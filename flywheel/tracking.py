@@ -248,8 +248,9 @@ class Tracker:
         items, self.replaced = [], 0
         for key, value in metrics.items():
             if key in logged:
-                earlier = [m.value for m in self.client.get_metric_history(self.run_id, key) if m.step == step]
-                if earlier and _same(earlier[-1], float(value)):
+                earlier = sorted((m.timestamp, m.value) for m in self.client.get_metric_history(self.run_id, key)
+                                 if m.step == step)
+                if earlier and _same(earlier[-1][1], float(value)):     # the latest value at this step
                     continue
                 self.replaced += bool(earlier)
             items.append(Metric(key, float(value), now, step))

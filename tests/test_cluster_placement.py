@@ -246,3 +246,21 @@ def test_a_restarted_staged_server_keeps_what_its_dead_incarnation_recorded(tmp_
     reports = stop_server_actors(actors, collect=[dest])
     names = {p.name for p in dest.glob("*.npz")}
     assert reports[0]["incarnation"] == 1 and first < names and not staging_dir(name).exists()
+
+
+def test_self_play_asking_a_local_ray_for_more_cpus_than_it_has_is_refused_naming_the_keys():
+    import ray
+
+    from flywheel.parts import check_local_cpus
+    from policies.rllib_adapter import init_ray
+
+    init_ray(2)
+    have = ray.cluster_resources()["CPU"]
+    check_local_cpus(load_config([f"ppo.num_env_runners={int(have)}"]))                 # fits: no error
+    with pytest.raises(ConfigError, match=rf"needs {int(have) + 1} of this machine's Ray CPUs .*has {have:g}.*"
+                                          r"ppo.num_env_runners or ppo.num_cpus_per_runner"):
+        check_local_cpus(load_config([f"ppo.num_env_runners={int(have) + 1}", "service.max_sessions=64"]))
+    with pytest.raises(ConfigError, match=r"1 server\(s\) x 1, service.num_cpus"):
+        check_local_cpus(load_config([f"ppo.num_env_runners={int(have)}", "service.num_cpus=1"]))
+    with pytest.raises(ConfigError, match="agent.num_workers"):
+        check_local_cpus(load_config(["agent.kind=planner", f"agent.num_workers={int(have) + 1}"]))
