@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -161,6 +162,7 @@ class PlannerTrainer:
         self.warm = warm_policy_spec(config.warm_start)
         self.num_envs, self.keep_windows = int(num_envs), int(keep_windows)
         init_ray()
+        self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked when a worker dies)
         self.incarnations = [0] * config.num_workers
         self.workers = [self._spawn(i) for i in range(config.num_workers)]
         try:
@@ -225,6 +227,9 @@ class PlannerTrainer:
             try:
                 parts.append(ray.get(ref))
             except ray.exceptions.RayActorError as exc:
+                reason = self.abort()
+                if reason:                            # e.g. every server gone: a new worker could not connect either
+                    raise RuntimeError(f"planner worker {i} died and {reason}") from exc
                 if restarts >= MAX_WORKER_RESTARTS:
                     raise RuntimeError(f"planner worker {i} died and {restarts} restarts were already spent in this "
                                        f"iteration (at most {MAX_WORKER_RESTARTS}): {exc}") from exc

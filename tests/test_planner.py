@@ -149,6 +149,12 @@ def test_a_dead_worker_is_replaced_and_the_budget_still_sampled(world, monkeypat
         [digest] = trainer.runner_digests()
         assert digest["digest"] == trainer.weights_digest()
         assert digest["seed"] == 9 + RESTART_SEED_BASE      # the replacement plays other episodes than the dead one
+        trainer.abort = lambda: "every simulator server is gone for good"
+        ray.kill(trainer.workers[0], no_restart=True)
+        with pytest.raises(RuntimeError, match="planner worker 0 died and every simulator server is gone for good"):
+            trainer.train(env_steps=ENVS * 20)
+        trainer.abort = lambda: None
+        trainer.workers[0] = trainer._spawn(0, 2)
         monkeypatch.setattr(agent, "MAX_WORKER_RESTARTS", 0)
         ray.kill(trainer.workers[0], no_restart=True)
         with pytest.raises(RuntimeError, match="planner worker 0 died"):
