@@ -162,7 +162,8 @@ class PlannerTrainer:
         self.warm = warm_policy_spec(config.warm_start)
         self.num_envs, self.keep_windows = int(num_envs), int(keep_windows)
         init_ray()
-        self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked when a worker dies)
+        self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked while sampling)
+        self.abort_every_s = 1.0
         self.incarnations = [0] * config.num_workers
         self.workers = [self._spawn(i) for i in range(config.num_workers)]
         try:
@@ -218,12 +219,21 @@ class PlannerTrainer:
     def _sample(self, shares: list[int]) -> list[dict]:
         """Each worker samples its share; a worker that dies is replaced by a new one that samples its share again
         (at most ``MAX_WORKER_RESTARTS`` per call, then the error names the worker). The dead worker's transitions
-        already served stay recorded by the server; only finished shares count toward the budget."""
+        already served stay recorded by the server; only finished shares count toward the budget. ``abort`` is
+        checked every ``abort_every_s`` while they sample."""
         pending = {self.workers[i].sample.remote(s): i for i, s in enumerate(shares) if s > 0}
         parts, restarts = [], 0
         while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ref)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.abort_every_s)
+            if not ready:                             # still sampling: a reason to stop kills the workers now
+                reason = self.abort()                 # (they would wait out their clients' retries on gone servers)
+                if reason:
+                    for w in self.workers:
+                        ray.kill(w)
+                    raise RuntimeError(f"{reason} (sampling stopped, {len(self.workers)} planner worker(s) killed)")
+                continue
+            i = pending.pop(ready[0])
+            ref = ready[0]
             try:
                 parts.append(ray.get(ref))
             except ray.exceptions.RayActorError as exc:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -136,7 +137,9 @@ class PolicyTrainer:
         register_env(ENV_NAME, make_served_env)
         self.algo = build_rllib_config(ppo, env).build_algo()
         self.iteration = 0
-        self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked while waiting)
+        self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked while sampling)
+        self.abort_every_s = 1.0
+        self.runners_cut = 0                                  # EnvRunners killed because sampling could not go on
         self.action_space = self._physical_action_space()
         self.sync_runners()
 
@@ -165,7 +168,7 @@ class PolicyTrainer:
             self._check_abort()
             self.verify_runners()
             before, t0 = self.env_steps, time.perf_counter()
-            result = self.algo.train()
+            result = self._train_watched()
             self.iteration += 1
             m = self._summarise(result, time.perf_counter() - t0, self.env_steps - before)
             out.append(m)
@@ -193,6 +196,43 @@ class PolicyTrainer:
         reason = self.abort()
         if reason:
             raise SelfPlayError(reason)
+
+    def _train_watched(self) -> dict:
+        """One ``algo.train()`` while a thread checks ``abort`` every ``abort_every_s``: once it gives a reason,
+        the EnvRunners are killed for good (they would wait out their clients' retries, a minute, on servers that
+        are gone) and ``SelfPlayError`` names the reason."""
+        stop, reasons = threading.Event(), []
+
+        def watch():
+            while not stop.wait(self.abort_every_s):
+                reason = self.abort()
+                if reason:
+                    reasons.append(reason)
+                    self.runners_cut += self._kill_runners()
+                    return
+
+        watcher = threading.Thread(target=watch, name="flywheel-abort-watch", daemon=True)
+        watcher.start()
+        try:
+            result = self.algo.train()
+        except Exception as exc:
+            stop.set()
+            watcher.join()
+            if reasons:
+                raise SelfPlayError(f"{reasons[0]} (sampling stopped, {self.runners_cut} EnvRunner(s) killed)") from exc
+            raise
+        stop.set()
+        watcher.join()
+        if reasons:
+            raise SelfPlayError(f"{reasons[0]} (sampling stopped, {self.runners_cut} EnvRunner(s) killed)")
+        return result
+
+    def _kill_runners(self) -> int:
+        """Kill every remote EnvRunner, not to be restarted; how many."""
+        actors = self.algo.env_runner_group._worker_manager.actors()   # RLlib keeps no public list of the handles
+        for actor in actors.values():
+            ray.kill(actor, no_restart=True)
+        return len(actors)
 
     def _await_runners(self, timeout_s: float | None = None) -> None:
         """Wait (bounded) until RLlib has restarted the failed runners, then sync and verify them."""

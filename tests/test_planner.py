@@ -159,6 +159,13 @@ def test_a_dead_worker_is_replaced_and_the_budget_still_sampled(world, monkeypat
         ray.kill(trainer.workers[0], no_restart=True)
         with pytest.raises(RuntimeError, match="planner worker 0 died"):
             trainer.train(env_steps=ENVS * 20)
+        # a reason to stop that comes while the workers sample (their clients would retry for a minute) kills them
+        trainer.workers[0] = live = trainer._spawn(0, 3)
+        trainer.abort, trainer.abort_every_s = (lambda: "every simulator server is gone for good"), 0.05
+        with pytest.raises(RuntimeError, match=r"gone for good \(sampling stopped, 1 planner worker\(s\) killed\)"):
+            trainer.train(env_steps=ENVS * 100_000)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(live.digest.remote(), timeout=60)
     finally:
         trainer.stop()
 

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 import ray
 
@@ -36,6 +37,13 @@ def _cpu_ticks(pid: int) -> int:
     except OSError:
         return -1
     return int(fields[11]) + int(fields[12])                       # utime + stime
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _kill_when_sampling(pid: int, done: threading.Event, killed: list) -> None:
@@ -125,6 +133,31 @@ def test_a_runner_with_unsynced_weights_refuses_to_sample_and_is_synced_on_its_r
     digests = trainer.runner_digests()
     assert all(d["matches"] and d["synced"] for d in digests)
     assert trainer.last_samples()[0]["digest"] not in (stale["digest"],)
+
+
+def test_a_reason_to_stop_that_comes_while_sampling_kills_the_runners_and_names_it(trainer):
+    """Servers gone for good while the runners sample: their clients would retry for a minute; the trainer's watch
+    kills them for good at its next check and the error names the reason. (Last use of the module's runners.)"""
+    calls = []
+
+    def abort():                                     # clear before the iteration, gone once sampling has begun
+        calls.append(1)
+        return None if len(calls) == 1 else "every simulator server is gone for good"
+
+    trainer.abort = abort
+    trainer.abort_every_s = 0.01
+    pid = trainer.runner_probe()[0]["pid"]
+    try:
+        with pytest.raises(SelfPlayError, match=r"every simulator server is gone for good \(sampling stopped, "
+                                                r"1 EnvRunner\(s\) killed\)"):
+            trainer.train(1)
+    finally:
+        trainer.abort = lambda: None
+    assert trainer.runners_cut == 1
+    deadline = time.monotonic() + 30
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid), f"runner {pid} still alive"
 
 
 def test_a_runner_that_stays_dead_is_a_self_play_error_naming_the_cause():
