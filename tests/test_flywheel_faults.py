@@ -115,6 +115,25 @@ def test_a_store_that_cannot_be_written_fails_the_lap_naming_the_path(tmp_path):
     assert tracker.metric_history("self_play/env_steps") == []
 
 
+def test_a_lap_whose_every_server_is_gone_for_good_fails_at_once_naming_them(tmp_path):
+    """One server, no restarts allowed, SIGKILLed while the runner samples: the runner's client would retry for a
+    minute; the lap's server watch stops sampling and fails self-play naming the server and the key."""
+    run_dir = tmp_path / "run"
+    run = Run("run", *SMOKE, "laps=1", "self_play.iterations=50", "service.max_restarts=0", f"runs_root={tmp_path}",
+              "--run-dir", str(run_dir))
+    address = run.wait_for("| serve:").rsplit(" ", 1)[-1].strip()
+    run.wait_for("| placement:")
+    os.kill(server_pid(address), signal.SIGKILL)
+    code, lines = run.finish()
+    assert code == 1, "\n".join(lines[-30:])
+    assert lines[-1].startswith("flywheel: error: lap 0 self_play failed: SelfPlayError: every simulator server is "
+                                f"gone for good ({address}: died after 0 restart(s), service.max_restarts)"), lines[-1]
+    assert "sampling stopped, 1 EnvRunner(s) killed" in lines[-1]
+    assert not any("self_play: iteration 50," in x for x in lines)
+    tracker, mrun = mlflow_run(run_dir)
+    assert mrun.info.status == "FAILED" and address in mrun.data.tags["flywheel.error"]
+
+
 def test_corrupt_policy_checkpoint_is_refused_then_a_killed_server_is_survived(tmp_path):
     run_dir = tmp_path / "run"
     code, lines = Run("run", *SMOKE, "laps=1", f"runs_root={tmp_path}", "--run-dir", str(run_dir)).finish()
