@@ -84,6 +84,9 @@ def test_flywheel_serve_refuses_a_world_model_no_session_could_use(tmp_path, cap
     (["run", "tracking.uri=sqlite:////proc/none/mlflow.db"], "its directory /proc/none cannot be made"),
     (["run", "tracking.uri=sqlite://mlflow.db"], "is not a SQLite URI of a file: sqlite:///<path>"),
     (["config", "show", "simulator=3"], "config key 'simulator' (from command line) is a section"),
+    (["run", "--run-dir", "/tmp/flywheel-never-made", "simulator=3"], "config key 'simulator' (from command line)"),
+    (["sweep", "--grid", "seed=1,2", "--run-dir", "/tmp/flywheel-never-made", "simulator=3"],
+     "config key 'simulator' (from command line) is a section"),
     (["run", "--resume", "/nonexistent/run"], "/nonexistent/run does not exist"),
     (["report", "/nonexistent/run"], "/nonexistent/run does not exist (a run directory holds state.json"),
 ])
