@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -61,6 +62,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     """The command line; overrides may come before or after the options (``--run-dir DIR task=cartpole``)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(argv)
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
@@ -98,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stopped(args, signum: int) -> int:
     """Say how the run was stopped (and how to go on with it); the exit status is 128 + the signal's number."""
+    sweep_dir = getattr(args, "sweep_dir_used", None)
+    if sweep_dir:
+        again = [a for a in args.argv if a != args.run_dir] if args.run_dir else list(args.argv)
+        again = [a for a in again if a != "--run-dir" and not a.startswith("--run-dir=")]
+        print(f"flywheel: stopped by {signal.Signals(signum).name}; the sweep's MLflow run (and the child it was running) "
+              f"is marked KILLED; continue it with: flywheel {shlex.join(again)} --run-dir {sweep_dir}", file=sys.stderr)
+        return 128 + int(signum)
     run_dir = getattr(args, "run_dir_used", None)
     where = f"; continue it with: flywheel run --resume {run_dir}" if run_dir else ""
     marked = "the run is marked KILLED" if run_dir and (Path(run_dir) / "tracking.json").exists() else \
@@ -119,7 +128,8 @@ def _command(args) -> int:
             overrides, grid = [*spec_overrides, *overrides], {**spec_grid, **grid}
             seeds = args.seeds if args.seeds != "1" else spec_seeds
             ablations = ablations or spec_ablations
-        run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say, ablations=ablations)
+        run_sweep(overrides, grid or parse_grid([]), seeds, args.run_dir, say=_say, ablations=ablations,
+                  opened=lambda sweep_dir: setattr(args, "sweep_dir_used", str(sweep_dir)))
         return 0
     return _report(Path(args.run_dir))
 

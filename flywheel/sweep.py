@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,12 +167,14 @@ def describe(label: str, cfg) -> str:
 
 
 def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | list[int], sweep_dir: str | Path | None = None,
-              say: Callable[[str], None] = print, parts: LapParts | None = None, ablations: bool = False) -> Path:
+              say: Callable[[str], None] = print, parts: LapParts | None = None, ablations: bool = False,
+              opened: Callable[[Path], None] = lambda sweep_dir: None) -> Path:
     """Run every (setting, seed) as a child run of one parent run; returns the sweep directory.
 
     ``seeds`` is a count (``base seed, base + 1, ...``) or an explicit list; ``seed`` may instead be a
     grid axis, whose values are then the seeds (asking for both is refused). ``ablations`` adds the
-    no-retraining and PPO-in-reality baselines (see ``plan_children``).
+    no-retraining and PPO-in-reality baselines (see ``plan_children``). ``opened`` is told the sweep directory once
+    its parent MLflow run exists. A stop or a failure ends the parent KILLED or FAILED, tagged with why.
     """
     base = load_config(overrides)
     children = plan_children(overrides, grid, seeds, ablations)
@@ -183,6 +186,8 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | lis
     atomic_write(sweep_dir / "sweep.json", lambda f: f.write(text))
     parent = Tracker.open(base, sweep_dir, run_name=sweep_dir.name, tags={"flywheel.sweep": json.dumps(grid)})
     say(f"[sweep] {len(children)} runs in {sweep_dir}  tracking: {parent.uri}  parent mlflow run: {parent.run_id}")
+    opened(sweep_dir)
+    i = -1
     try:
         for i, child in enumerate(children):
             say(f"[sweep] run {i + 1}/{len(children)}: {child['setting']} seed {child['seed']}")
@@ -198,10 +203,17 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | lis
         for f in files:
             parent.log_artifact(f, "report")
         log_summary(parent, sweep_dir)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as exc:
+        signum = getattr(exc, "signum", None)
+        parent.set_tag("flywheel.stopped", f"stopped by {signal.Signals(signum).name}" if signum
+                       else str(exc) or type(exc).__name__)
         parent.finish("KILLED")
         raise
-    except BaseException:
+    except BaseException as exc:
+        from flywheel.orchestrator import one_line
+
+        where = f"run {i + 1}/{len(children)} ({children[i]['dir']})" if 0 <= i < len(children) else "the report"
+        parent.set_tag("flywheel.error", f"{where}: {one_line(exc)}"[:5000])
         parent.finish("FAILED")
         raise
     parent.finish("FINISHED")

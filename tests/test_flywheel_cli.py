@@ -108,6 +108,22 @@ def test_resuming_a_sweep_directory_points_at_sweep_run_dir(tmp_path, capsys):
     assert f"{tmp_path} is a sweep directory; continue a sweep with `flywheel sweep --run-dir {tmp_path}" in err
 
 
+def test_a_stopped_sweep_says_it_was_marked_and_how_to_continue_it(tmp_path, capsys, monkeypatch):
+    from flywheel import sweep as sweeps
+    from flywheel.cli import main
+    from flywheel.orchestrator import RunStopped
+
+    def stopped(*args, opened, **kw):
+        opened(tmp_path / "sw")
+        raise RunStopped(signal.SIGINT)
+
+    monkeypatch.setattr(sweeps, "run_sweep", stopped)
+    assert main(["sweep", "--grid", "seed=1,2", "--run-dir", str(tmp_path / "sw"), "laps=1"]) == 130
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == ("flywheel: stopped by SIGINT; the sweep's MLflow run (and the child it was running) is marked "
+                    f"KILLED; continue it with: flywheel sweep --grid seed=1,2 laps=1 --run-dir {tmp_path / 'sw'}")
+
+
 def test_a_run_stopped_before_its_mlflow_run_existed_does_not_claim_it_was_marked(tmp_path, capsys):
     import argparse
     import signal

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from flywheel.config import ConfigError, load_config
-from flywheel.lap import EPISODE_STRIDE, LapParts, Served
+from flywheel.lap import EPISODE_STRIDE, LapParts, Served, StageError
 from flywheel.orchestrator import Orchestrator, RunStopped
 from flywheel.parts import fit_world_model
 from flywheel.tracking import Tracker
@@ -60,6 +60,9 @@ class FakeTrainer:
         budget = env_steps
         ctx = self.ctx
         self.calls["self_play"] += 1
+        if self.calls.get("signal_at_call") == self.calls["self_play"]:    # the n-th self-play of a sweep, say
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
         if self.calls.get("swallowed_at") == ctx.lap:          # the signal lands in a GC callback (as JAX's):
             def in_gc(phase, info):                             # Python reports its exception and drops it
                 if phase == "start":
@@ -360,6 +363,32 @@ def test_sweep_has_a_parent_run_children_and_a_row_per_setting(tmp_path, fakes):
         sweeps.run_sweep([*TINY, f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=0,3"]), 1,
                          tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sweep_stopped_in_its_second_run_is_marked_killed_and_continues_with_its_directory(tmp_path, fakes):
+    from flywheel import sweep as sweeps
+
+    fakes["signal_at_call"], opened = 2, []
+    args = ([*TINY, "laps=1", f"runs_root={tmp_path}"], sweeps.parse_grid(["simulator.fidelity=1"]), "5,9", tmp_path / "sw")
+    with pytest.raises(RunStopped, match="SIGTERM"):
+        sweeps.run_sweep(*args, say=lambda m: None, parts=fakes["parts"], opened=opened.append)
+    assert opened == [tmp_path / "sw"]
+    parent = Tracker.attach(tmp_path / "sw")
+    run = parent.client.get_run(parent.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["flywheel.stopped"] == "stopped by SIGTERM"
+    fakes["signal_at_call"] = None
+    sweeps.run_sweep(*args, say=lambda m: None, parts=fakes["parts"])
+    run = parent.client.get_run(parent.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["flywheel.resumed_after"] == "stopped by SIGTERM"
+    children = parent.client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert sorted((c.data.params["seed"], c.info.status) for c in children) == [("5", "FINISHED"), ("9", "FINISHED")]
+    assert fakes["self_play"] == 3                                # seed 9's self-play again, seed 5 not
+    fakes["fail_at"] = 0                                          # a failing run fails the sweep, naming it
+    with pytest.raises(StageError, match="reality went away"):
+        sweeps.run_sweep(*args[:3], tmp_path / "failed", say=lambda m: None, parts=fakes["parts"])
+    failed = Tracker.attach(tmp_path / "failed")
+    run = failed.client.get_run(failed.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["flywheel.error"].startswith("run 1/2 (simulator.fidelity_1-seed5): ")
 
 
 def test_sweep_seeds_are_the_users_own(tmp_path, fakes):
