@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from flywheel import dir_lock
 from flywheel.config import (
     ConfigError,
     FlywheelConfig,
@@ -86,6 +87,10 @@ class Orchestrator:
         check_reachable(tracking_uri(cfg))              # before anything is written
         cfg.run_dir = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        dir_lock.hold(run_dir)
+        if (run_dir / "state.json").exists():           # made meanwhile by another process
+            dir_lock.release(run_dir)
+            raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}")
         save_config(cfg, run_dir / "config.yaml")
         write_json(run_dir / "state.json", {"config_hash": config_hash(cfg), "created": time.time()})
         return cls(cfg, run_dir, **kw)
@@ -127,12 +132,17 @@ class Orchestrator:
             raise ConfigError(f"laps={cfg.laps} is fewer than the {len(started)} laps {run_dir} has run "
                               f"({min(started)} to {max(started)}); allowed: laps >= {len(started)} (more laps "
                               "continue the run; its laps cannot be undone)")
-        check_history(run_dir)
         check_writable(run_dir)
-        check_reachable(tracking_uri(cfg))
-        check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
-        check_not_a_copy(run_dir)
-        TrajectoryStore(run_dir / "store").verify(expected_shards(run_dir, cfg.laps))
+        dir_lock.hold(run_dir)                           # one driver per run, from here until ``run`` ends
+        try:
+            check_history(run_dir)
+            check_reachable(tracking_uri(cfg))
+            check_tracked_at(run_dir, tracking_uri(cfg))   # every check before the run directory is changed
+            check_not_a_copy(run_dir)
+            TrajectoryStore(run_dir / "store").verify(expected_shards(run_dir, cfg.laps))
+        except BaseException:
+            dir_lock.release(run_dir)
+            raise
         cfg.run_dir = str(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         write_json(state_path, state)
@@ -144,6 +154,13 @@ class Orchestrator:
     # -- running -------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         """Run (or finish) every lap; returns the per-lap metric rows. The MLflow run ends as it really ended."""
+        dir_lock.hold(self.run_dir)
+        try:
+            return self._run()
+        finally:
+            dir_lock.release(self.run_dir)
+
+    def _run(self) -> list[dict]:
         self.tracker = Tracker.open(self.cfg, self.run_dir, run_name=self.run_name, parent_run_id=self.parent_run_id)
         self.banner("start")
         warnings = config_warnings(self.cfg)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flywheel import dir_lock
 from flywheel.config import ConfigError, load_config
 from flywheel.lap import LapParts
 from flywheel.orchestrator import Orchestrator
@@ -181,6 +182,14 @@ def run_sweep(overrides: list[str], grid: dict[str, list[str]], seeds: int | lis
     check_reachable(tracking_uri(base))
     sweep_dir = Path(sweep_dir or Path(base.runs_root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{base.task}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    dir_lock.hold(sweep_dir)                                  # one driver per sweep; each run locks its own too
+    try:
+        return _run_children(sweep_dir, base, overrides, grid, seeds, children, say, parts, opened)
+    finally:
+        dir_lock.release(sweep_dir)
+
+
+def _run_children(sweep_dir: Path, base, overrides, grid, seeds, children, say, parts, opened) -> Path:
     spec = {"overrides": overrides, "grid": grid, "seeds": seeds, "children": children}
     text = json.dumps(spec, indent=1).encode()
     atomic_write(sweep_dir / "sweep.json", lambda f: f.write(text))

@@ -175,8 +175,11 @@ class Tracker:
         client = mlflow_client(uri)
         if saved.exists():
             info = check_tracked_at(run_dir, uri)
+            before = client.get_run(info["run_id"])
             client.update_run(info["run_id"], status="RUNNING")
-            tags = client.get_run(info["run_id"]).data.tags
+            tags = dict(before.data.tags)
+            if before.info.status == "RUNNING":        # its driver (the run directory's lock is ours) ended unmarked
+                tags["flywheel.stopped"] = "its driver ended without marking the run (killed, or its host lost)"
             here = str(run_dir.resolve())
             if tags.get("flywheel.run_dir", here) != here:   # the run directory was moved: the run follows it
                 client.set_tag(info["run_id"], "flywheel.moved_from", tags["flywheel.run_dir"])
@@ -185,7 +188,7 @@ class Tracker:
             if ended:                                  # the run is running again: its last end is history
                 client.set_tag(info["run_id"], "flywheel.resumed_after", "; ".join(ended)[:5000])
                 for key in ("flywheel.error", "flywheel.stopped"):
-                    if key in tags:
+                    if key in before.data.tags:
                         client.delete_tag(info["run_id"], key)
             tracker = cls(uri, info["experiment"], info["run_id"])
             tracker.sync_params(cfg)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -28,6 +29,11 @@ from simulators.dataset import SOURCE_SIM
 
 TINY = ["preset=smoke", "engine.name=mujoco", "reality.engine=mujoco", "reality.seed_steps=400",
         "world_model.max_epochs=1", "laps=3"]
+
+
+def run_files(run_dir):
+    """The run directory's own files and their bytes (not ``driver.lock``: it names its latest holder)."""
+    return {p: p.read_bytes() for p in run_dir.glob("*.*") if p.is_file() and p.name != "driver.lock"}
 
 
 class Boom(RuntimeError):
@@ -216,7 +222,7 @@ def test_resume_refuses_a_changed_shard_before_any_stage_runs(tmp_path, fakes):
     data = bytearray(seed.read_bytes())
     data[len(data) // 2] ^= 0x01
     seed.write_bytes(bytes(data))
-    before, files = dict(fakes), {p: p.read_bytes() for p in (tmp_path / "run").glob("*.*") if p.is_file()}
+    before, files = dict(fakes), run_files(tmp_path / "run")
     with pytest.raises(ValueError, match=r"lap_000/seed.npz \(lap 0, seed\) has changed since it was written"):
         Orchestrator.resume(tmp_path / "run", ["laps=3"], say=lambda m: None, parts=fakes["parts"])
     assert fakes["self_play"] == before["self_play"] and fakes["evaluate"] == before["evaluate"]   # nothing ran
@@ -572,12 +578,49 @@ def test_a_driver_killed_while_its_mlflow_run_is_made_is_resumed_into_that_run(t
     runs = resumed.tracker.client.search_runs([resumed.tracker.client.get_run(resumed.tracker.run_id).info.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"          # no orphan RUNNING run beside it
     assert runs[0].data.params["simulator.fidelity"] == str(cfg.simulator.fidelity)   # the params it missed
+    assert runs[0].data.tags["flywheel.resumed_after"].startswith("its driver ended without marking the run")
+
+
+HOLD = """import fcntl, sys, time
+f = open(sys.argv[1], "a+"); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write("pid 4242 on elsewhere: flywheel run"); f.flush()
+print("held", flush=True); time.sleep(600)"""
+
+
+def test_one_driver_per_run_directory_while_it_lives(tmp_path, fakes):
+    orch = make(tmp_path, fakes, "laps=1")
+    orch.run()
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir / "driver.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"    # another driver holds it (the lock ``run`` held is free)
+        state = (run_dir / "state.json").read_bytes()
+        with pytest.raises(ConfigError, match=r"is in use by another flywheel process \(pid 4242 on elsewhere: "
+                                              r"flywheel run\); wait for it to end"):
+            Orchestrator.resume(run_dir, say=lambda m: None, parts=fakes["parts"], overrides=["laps=2"])
+        assert (run_dir / "state.json").read_bytes() == state
+        sweep_dir = tmp_path / "sweep"
+        sweep_dir.mkdir()
+        holder2 = subprocess.Popen([sys.executable, "-c", HOLD, str(sweep_dir / "driver.lock")], stdout=subprocess.PIPE,
+                                   text=True)
+        try:
+            assert holder2.stdout.readline().strip() == "held"
+            from flywheel import sweep as sweeps
+            with pytest.raises(ConfigError, match="is in use by another flywheel process"):
+                sweeps.run_sweep([*TINY, "laps=1", f"runs_root={tmp_path}"], sweeps.parse_grid(["seed=1,2"]), 1, sweep_dir,
+                                 say=lambda m: None, parts=fakes["parts"])
+        finally:
+            holder2.kill()
+    finally:
+        holder.kill()                                          # SIGKILL: the OS frees its lock
+        holder.wait()
+    resumed = Orchestrator.resume(run_dir, say=lambda m: None, parts=fakes["parts"], overrides=["laps=2"])
+    assert [r["lap"] for r in resumed.run()] == [0, 1]
 
 
 def test_a_damaged_mlflow_store_is_named_before_the_run_directory_is_touched(tmp_path, fakes):
     make(tmp_path, fakes, "laps=1").run()
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    files = {p: p.read_bytes() for p in run_dir.glob("*.*") if p.is_file()}
+    files = run_files(run_dir)
     db.write_bytes(db.read_bytes()[:50000])
     with pytest.raises(ConfigError, match=rf"the MLflow tracking store {db} is damaged \(SQLite: .*restore it"):
         Orchestrator.resume(run_dir, ["laps=2"], say=lambda m: None, parts=fakes["parts"])
