@@ -22,6 +22,7 @@ digest, before it samples again. Runners import ``services`` (numpy, grpc, torch
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -135,7 +136,12 @@ class PolicyTrainer:
         self.ppo, self.env = ppo.validate(), env.validate()
         init_ray(num_cpus)
         register_env(ENV_NAME, make_served_env)
-        self.algo = build_rllib_config(ppo, env).build_algo()
+        try:
+            self.algo = build_rllib_config(ppo, env).build_algo()
+        except IndexError as exc:   # RLlib asks its runners for the spaces and indexes the (empty) answers
+            raise SelfPlayError(f"no EnvRunner of {ppo.num_env_runners} came up while RLlib built the PPO trainer "
+                                f"(each died while starting: killed, out of memory, or its server unreachable; "
+                                f"Ray's worker logs say why): {type(exc).__name__}: {exc}") from exc
         self.iteration = 0
         self.abort: Callable[[], str | None] = lambda: None   # why sampling cannot go on (checked while sampling)
         self.abort_every_s = 1.0
@@ -190,7 +196,7 @@ class PolicyTrainer:
         if total == 0:
             return "sampling in the driver (no remote EnvRunners)"
         return (f"{total - group.num_healthy_remote_env_runners()} of {total} EnvRunners unhealthy, "
-                f"{group.num_remote_worker_restarts()} restarted so far")
+                f"{group.num_remote_worker_restarts()} brought back into service so far")
 
     def _check_abort(self) -> None:
         reason = self.abort()
@@ -238,14 +244,36 @@ class PolicyTrainer:
         """Wait (bounded) until RLlib has restarted the failed runners, then sync and verify them."""
         group = self.algo.env_runner_group
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.ppo.sample_timeout_s)
+        gone_since = None
         while True:
             self._check_abort()
+            gone = self._runners_gone_for_good()
+            gone_since = (gone_since or time.monotonic()) if gone else None
+            if gone and time.monotonic() - gone_since >= 1.0:   # for a second: not a ping that raced a restart
+                raise SelfPlayError(f"every EnvRunner ({gone}) is dead for good: Ray restarts a killed runner at most "
+                                    f"ppo.max_runner_restarts={self.ppo.max_runner_restarts} times; self-play cannot "
+                                    "go on (Ray's worker logs say why they died)")
             restored = self.algo.restore_env_runners(group)
             if restored:
                 sync_runner_weights(self.algo, list(restored))
             if group.num_healthy_remote_env_runners() >= group.num_remote_env_runners() or time.monotonic() > deadline:
                 return
             time.sleep(min(1.0, max(0.1, self.ppo.restart_delay_s)))
+
+    def _runners_gone_for_good(self) -> int:
+        """How many remote EnvRunners there are when every one is dead for good (its restarts spent), else 0."""
+        actors = self.algo.env_runner_group._worker_manager.actors()   # RLlib keeps no public list of the handles
+        if not actors:
+            return 0
+        for actor in actors.values():
+            try:
+                ray.get(actor.ping.remote(), timeout=2)
+                return 0
+            except ray.exceptions.ActorDiedError:
+                continue
+            except Exception:  # noqa: BLE001 - restarting or busy: not gone for good
+                return 0
+        return len(actors)
 
     def _summarise(self, result: dict, seconds: float, sampled: int) -> dict:
         runners = result.get("env_runners") or {}
@@ -363,7 +391,15 @@ class PolicyTrainer:
     def stop(self) -> None:
         """Stop the EnvRunners (closing their sessions) and the learner; Ray itself keeps running."""
         if self.algo is not None:
-            self.algo.stop()
+            # dead runners' stop calls fail; RLlib logs each with the traceback of whatever is being handled (the
+            # lap's own error, already reported): not the terminal's business
+            manager = logging.getLogger("ray.rllib.utils.actor_manager")
+            level = manager.level
+            manager.setLevel(logging.CRITICAL)
+            try:
+                self.algo.stop()
+            finally:
+                manager.setLevel(level)
             self.algo = None
 
     def __enter__(self) -> Self:

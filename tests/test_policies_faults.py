@@ -162,11 +162,22 @@ def test_a_reason_to_stop_that_comes_while_sampling_kills_the_runners_and_names_
 
 def test_a_runner_that_stays_dead_is_a_self_play_error_naming_the_cause():
     ppo = ppo_config_for("pendulum", num_env_runners=1, num_envs_per_runner=2, train_batch_size=64, minibatch_size=32,
-                         num_epochs=1, hidden_sizes=[8], num_cpus_per_runner=0.5, max_runner_restarts=0,
-                         sample_timeout_s=5.0)
+                         num_epochs=1, hidden_sizes=[8], num_cpus_per_runner=0.5, max_runner_restarts=0)
     with PolicyTrainer(ppo, EnvConfig(task="pendulum", addresses=["local"]), num_cpus=2) as t:
         t.train(1)
         os.kill(t.runner_probe()[0]["pid"], signal.SIGKILL)
-        with pytest.raises(SelfPlayError, match=r"sampled 0 of 128 env steps .* 0 of 64 env steps sampled in iteration 3: "
-                                                r"1 of 1 EnvRunners unhealthy"):
+        with pytest.raises(SelfPlayError, match=r"every EnvRunner \(1\) is dead for good: Ray restarts a killed runner "
+                                                r"at most ppo.max_runner_restarts=0 times"):
             t.train(2, max_retries=1)
+
+
+def test_runners_that_die_while_rllib_builds_the_trainer_are_named(monkeypatch):
+    """RLlib indexes its runners' (empty) answers when every one died while starting: an IndexError, as such."""
+    from types import SimpleNamespace
+
+    from policies import rllib_adapter
+
+    monkeypatch.setattr(rllib_adapter, "build_rllib_config", lambda ppo, env: SimpleNamespace(build_algo=lambda: [][0]))
+    ppo = ppo_config_for("pendulum", num_env_runners=2, num_cpus_per_runner=0.5)
+    with pytest.raises(SelfPlayError, match=r"no EnvRunner of 2 came up while RLlib built the PPO trainer .*IndexError"):
+        PolicyTrainer(ppo, EnvConfig(task="pendulum", addresses=["local"]), num_cpus=2)
