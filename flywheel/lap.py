@@ -51,7 +51,7 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|W
 
 
 def describe(exc: BaseException) -> str:
-    """``Type: first line of the message``; for a Ray error, the remote exception it carries (not Ray's wrapper,
+    """``Type: first line of the message (notes added to it)``; for a Ray error, the remote exception it carries (not Ray's wrapper,
     whose first line names only the actor or task), without terminal colour codes."""
     ray_errors = sys.modules.get("ray.exceptions")
     text = _ANSI.sub("", str(exc)).strip()
@@ -63,7 +63,8 @@ def describe(exc: BaseException) -> str:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1])
     first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()) if isinstance(note, str))
+    return (f"{type(exc).__name__}: {first}" if first else type(exc).__name__) + notes
 
 
 class LapFailed(RuntimeError):

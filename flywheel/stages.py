@@ -95,7 +95,13 @@ def _train(ctx: LapContext, trainer, budget: int) -> list[dict]:
     """PPO iterations until ``budget`` env steps are sampled (the trainer retries short ones or raises)."""
     history, steps = [], 0
     while steps < budget:
-        for m in trainer.train(env_steps=min(ctx.cfg.ppo.train_batch_size, budget - steps)):
+        try:
+            batch = trainer.train(env_steps=min(ctx.cfg.ppo.train_batch_size, budget - steps))
+        except Exception as exc:
+            exc.add_note(f"the lap had sampled {steps} of its {budget} env steps (self_play.iterations x "
+                         "ppo.train_batch_size)")
+            raise
+        for m in batch:
             history.append(m)
             steps += int(m["env_steps_this_iter"])
             ctx.say(f"self_play: iteration {len(history)}, {steps}/{budget} steps, "

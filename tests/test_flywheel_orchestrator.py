@@ -66,6 +66,8 @@ class FakeTrainer:
         budget = env_steps
         ctx = self.ctx
         self.calls["self_play"] += 1
+        if self.calls.get("train_raises"):
+            raise RuntimeError(self.calls["train_raises"])
         if self.calls.get("signal_at_call") == self.calls["self_play"]:    # the n-th self-play of a sweep, say
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
@@ -559,6 +561,16 @@ def test_a_hole_in_the_lap_history_is_refused_and_a_lap_run_again_replaces_its_m
     history = dict(resumed.tracker.metric_history("capability/success_rate"))
     assert history[2] == pytest.approx(json.loads((run_dir / "laps/lap_002/metrics.json").read_text())
                                        ["metrics"]["capability/success_rate"])
+
+
+def test_a_self_play_failure_says_how_far_the_lap_had_sampled(tmp_path, fakes):
+    fakes["train_raises"] = "every EnvRunner is dead for good"
+    orch = make(tmp_path, fakes, "laps=1")
+    budget = orch.cfg.self_play.iterations * orch.cfg.ppo.train_batch_size
+    with pytest.raises(StageError, match=rf"lap 0 self_play failed: RuntimeError: every EnvRunner is dead for good "
+                                         rf"\(the lap had sampled 0 of its {budget} env steps"):
+        orch.run()
+    assert status(orch)[1]["flywheel.error"].endswith("(self_play.iterations x ppo.train_batch_size))")
 
 
 def test_a_driver_killed_while_its_mlflow_run_is_made_is_resumed_into_that_run(tmp_path, fakes, monkeypatch):
