@@ -146,6 +146,11 @@ class Orchestrator:
         cfg.run_dir = str(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         write_json(state_path, state)
+        earlier = run_dir / "error.txt"
+        if earlier.exists():                             # the last attempt's failure: history, not this run's state
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(earlier.stat().st_mtime))
+            earlier.rename(run_dir / f"error.{stamp}.txt")
+            kw.get("say", print)(f"resume: the last attempt's error.txt is kept as error.{stamp}.txt")
         run = cls(cfg, run_dir, **kw)
         run.verified = True
         return run

@@ -193,6 +193,9 @@ def test_failed_stage_marks_run_failed_with_its_error_and_resume_finishes_it_onc
     assert resumed.tracker.client.get_run(run_id).info.status == "FINISHED"
     tags = resumed.tracker.client.get_run(run_id).data.tags           # the old failure is history, not the state
     assert "flywheel.error" not in tags and tags["flywheel.resumed_after"] == "lap 1 evaluate failed: Boom: reality went away"
+    assert not (run_dir / "error.txt").exists()                        # a finished run holds no current error
+    [kept] = run_dir.glob("error.*.txt")
+    assert "reality went away" in kept.read_text()
     assert fakes["self_play"] == 3 and fakes["evaluate"] == 1 + 1 + 2   # lap 1's self-play was not redone
     assert fakes["restored"] == ["policy_lap000", "policy_lap001"]      # every lap starts from the last one
     carried = [json.loads((run_dir / f"laps/lap_{k:03d}/policy.json").read_text()) for k in range(3)]
