@@ -151,6 +151,7 @@ class Orchestrator:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(earlier.stat().st_mtime))
             earlier.rename(run_dir / f"error.{stamp}.txt")
             kw.get("say", print)(f"resume: the last attempt's error.txt is kept as error.{stamp}.txt")
+        kw.get("say", print)(f"resume: {where_it_continues(run_dir, cfg.laps)}")
         run = cls(cfg, run_dir, **kw)
         run.verified = True
         return run
@@ -259,6 +260,19 @@ def check_history(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir}: lap {missing[0]}'s record laps/lap_{missing[0]:03d}/metrics.json is missing while "
                           f"lap {laps[-1]}'s exists; later laps were built on it, so the run cannot go on: restore the "
                           f"lap's directory, or start a new run")
+
+
+def where_it_continues(run_dir: Path, laps: int) -> str:
+    """Where a resumed run picks up, from its lap records: ``lap 1 continues after retrain``, ``lap 2 (3 of 4) starts``."""
+    records = sorted(run_dir.glob("laps/lap_*/metrics.json"))
+    if not records:
+        return "no stage had finished; lap 0 starts"
+    last = records[-1]
+    lap = int(last.parent.name.split("_")[1])
+    stages = read_json(last, "the lap record", ConfigError).get("stages") or []
+    if "log" not in stages:
+        return f"lap {lap} continues after {stages[-1]}" if stages else f"lap {lap} starts again"
+    return f"lap {lap + 1} ({lap + 2} of {laps}) starts" if lap + 1 < laps else f"all {laps} lap(s) had finished"
 
 
 def check_writable(run_dir: Path) -> None:

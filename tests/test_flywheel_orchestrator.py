@@ -574,6 +574,12 @@ def test_a_self_play_failure_says_how_far_the_lap_had_sampled(tmp_path, fakes):
                                          rf"\(the lap had sampled 0 of its {budget} env steps"):
         orch.run()
     assert status(orch)[1]["flywheel.error"].endswith("(self_play.iterations x ppo.train_batch_size))")
+    fakes["train_raises"], lines = None, []
+    Orchestrator.resume(tmp_path / "run", say=lines.append, parts=fakes["parts"]).run()
+    assert "resume: lap 0 continues after seed" in lines
+    lines.clear()
+    Orchestrator.resume(tmp_path / "run", ["laps=3"], say=lines.append, parts=fakes["parts"]).run()
+    assert "resume: lap 1 (2 of 3) starts" in lines
 
 
 def test_a_driver_killed_while_its_mlflow_run_is_made_is_resumed_into_that_run(tmp_path, fakes, monkeypatch):
