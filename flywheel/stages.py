@@ -104,6 +104,11 @@ def _train(ctx: LapContext, trainer, budget: int) -> list[dict]:
         for m in batch:
             history.append(m)
             steps += int(m["env_steps_this_iter"])
+            if m["env_steps_this_iter"] <= 0:
+                ctx.say(f"self_play: iteration {len(history)} sampled nothing ({int(m.get('healthy_runners', 0))} "
+                        f"runner(s) in service, {int(m.get('runner_restarts', 0))} restart(s) so far); "
+                        f"{steps}/{budget} steps")
+                continue
             ctx.say(f"self_play: iteration {len(history)}, {steps}/{budget} steps, "
                     f"return {m['episode_return_mean']:.1f}, success {m.get('success_rate', float('nan')):.2f}")
         if not history or history[-1]["env_steps_this_iter"] <= 0:

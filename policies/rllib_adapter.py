@@ -196,7 +196,19 @@ class PolicyTrainer:
         if total == 0:
             return "sampling in the driver (no remote EnvRunners)"
         return (f"{total - group.num_healthy_remote_env_runners()} of {total} EnvRunners unhealthy, "
-                f"{group.num_remote_worker_restarts()} brought back into service so far")
+                f"{self.runner_restarts()} restarted so far")
+
+    def runner_restarts(self) -> int:
+        """Times Ray restarted this trainer's EnvRunners (the GCS's count per actor: RLlib's own counts only the
+        runners it brought back into service, not one killed again before that)."""
+        group = self.algo.env_runner_group
+        try:
+            from ray._private import state
+
+            actors = group._worker_manager.actors()
+            return sum(int(state.actors(a._actor_id.hex()).get("NumRestarts", 0)) for a in actors.values())
+        except Exception:  # noqa: BLE001 - the GCS did not answer: RLlib's count, a lower bound
+            return int(group.num_remote_worker_restarts())
 
     def _check_abort(self) -> None:
         reason = self.abort()
@@ -288,7 +300,7 @@ class PolicyTrainer:
             "episodes": _int(runners.get("num_episodes")),
             "success_rate": _ratio(runners.get("served_successes"), runners.get("served_episodes")),
             "healthy_runners": int(self.algo.env_runner_group.num_healthy_remote_env_runners()),
-            "runner_restarts": int(self.algo.env_runner_group.num_remote_worker_restarts()),
+            "runner_restarts": self.runner_restarts(),
             "policy_loss": _float(learner.get("policy_loss")),
             "vf_loss": _float(learner.get("vf_loss")),
             "entropy": _float(learner.get("entropy")),

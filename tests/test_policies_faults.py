@@ -135,6 +135,30 @@ def test_a_runner_with_unsynced_weights_refuses_to_sample_and_is_synced_on_its_r
     assert trainer.last_samples()[0]["digest"] not in (stale["digest"],)
 
 
+def _runner_processes() -> set[int]:
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("FlywheelEnvRunner" in part for part in proc.info["cmdline"] or ()):
+            found.add(proc.info["pid"])
+    return found
+
+
+def test_restarts_are_counted_also_for_a_runner_killed_again_before_rllib_saw_it_back(trainer):
+    before = trainer.runner_restarts()
+    first = trainer.runner_probe()[0]["pid"]
+    os.kill(first, signal.SIGKILL)
+    deadline, second = time.monotonic() + 120, set()
+    while not second and time.monotonic() < deadline:         # Ray's next incarnation, killed as it comes up
+        second = _runner_processes() - {first}
+        time.sleep(0.05)
+    assert second, "Ray did not restart the runner"
+    for pid in second:
+        os.kill(pid, signal.SIGKILL)
+    metrics = trainer.train(1, max_retries=6)
+    assert sum(m["env_steps_this_iter"] for m in metrics) >= BATCH
+    assert trainer.runner_restarts() - before == 2 and metrics[-1]["runner_restarts"] - before == 2
+
+
 def test_a_reason_to_stop_that_comes_while_sampling_kills_the_runners_and_names_it(trainer):
     """Servers gone for good while the runners sample: their clients would retry for a minute; the trainer's watch
     kills them for good at its next check and the error names the reason. (Last use of the module's runners.)"""
