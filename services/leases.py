@@ -58,7 +58,8 @@ class Leases:
             if len(self._open) + self._pending >= self.max_sessions:
                 self.counts["refused_full"] += 1
                 raise ServiceError("RESOURCE_EXHAUSTED", f"the server holds its maximum of {self.max_sessions} "
-                                   f"sessions; close one first (idle sessions expire after {self.idle_s:g} s)")
+                                   f"sessions; close one first (idle sessions expire after {self.idle_s:g} s, "
+                                   f"ones never called after {min(self.idle_s, CLAIM_S):g} s)")
             self._pending += 1
         try:
             yield

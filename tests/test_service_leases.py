@@ -67,7 +67,8 @@ def test_killed_clients_sessions_expire_and_the_server_admits_full_capacity():
     config = ServerConfig(task=TASK, engine="mujoco", max_sessions=4, session_idle_s=1.0, workers=6)
     with ServerProcess(config) as proc:
         clients = [start_client(proc.address, mode) for mode in ("unary", "stream", "unary", "stream")]
-        with SimulatorClient(proc.address) as client, pytest.raises(ResourceExhausted, match="maximum of 4 sessions"):
+        full = r"maximum of 4 sessions; close one first \(idle sessions expire after 1 s, ones never called after 1 s\)"
+        with SimulatorClient(proc.address) as client, pytest.raises(ResourceExhausted, match=full):
             client.create_session(TASK, 2)
         for c in clients:
             c.send_signal(signal.SIGKILL)
