@@ -205,7 +205,7 @@ class PolicyTrainer:
         try:
             from ray._private import state
 
-            actors = group._worker_manager.actors()
+            actors = self._runner_actors()
             return sum(int(state.actors(a._actor_id.hex()).get("NumRestarts", 0)) for a in actors.values())
         except Exception:  # noqa: BLE001 - the GCS did not answer: RLlib's count, a lower bound
             return int(group.num_remote_worker_restarts())
@@ -245,9 +245,13 @@ class PolicyTrainer:
             raise SelfPlayError(f"{reasons[0]} (sampling stopped, {self.runners_cut} EnvRunner(s) killed)")
         return result
 
+    def _runner_actors(self) -> dict:
+        """The remote EnvRunners' actor handles by id (RLlib keeps no public list of them)."""
+        return self.algo.env_runner_group._worker_manager.actors()
+
     def _kill_runners(self) -> int:
         """Kill every remote EnvRunner, not to be restarted; how many."""
-        actors = self.algo.env_runner_group._worker_manager.actors()   # RLlib keeps no public list of the handles
+        actors = self._runner_actors()
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
         return len(actors)
@@ -274,7 +278,7 @@ class PolicyTrainer:
 
     def _runners_gone_for_good(self) -> int:
         """How many remote EnvRunners there are when every one is dead for good (its restarts spent), else 0."""
-        actors = self.algo.env_runner_group._worker_manager.actors()   # RLlib keeps no public list of the handles
+        actors = self._runner_actors()
         if not actors:
             return 0
         for actor in actors.values():
